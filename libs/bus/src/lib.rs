@@ -1,0 +1,326 @@
+//! The event bus: append-only, capped streams of events, with resumable readers and consumer
+//! groups.
+//!
+//! Execution events, design changes and collaboration presence travel on named streams; the
+//! executor's job queue is a stream read by a consumer group. [`EventBus`] has two backends
+//! with the same semantics (one conformance suite runs against both):
+//!
+//! - [`RedisBus`]: Redis streams (XADD / XRANGE / XREAD / XREADGROUP / XACK / XAUTOCLAIM) —
+//!   the distributed mode, shared by every replica;
+//! - [`MemoryBus`]: in-process — the embedded default, shared by the services of one
+//!   `csp serve --target all`.
+//!
+//! Semantics:
+//! - [`EventId`]s are `<milliseconds>-<sequence>` and strictly increase within a stream.
+//! - `append` with a cap trims the oldest entries so at most `cap` remain. A reader resuming
+//!   from an id whose successors were trimmed gets [`BusError::Truncated`] instead of silently
+//!   missing events.
+//! - `read` and `tail` return the events strictly after an id, in order, each once.
+//! - A consumer group delivers each new entry to exactly one consumer; entries stay pending
+//!   until acknowledged, and `claim_idle` hands entries pending longer than an idle time (a
+//!   consumer that died) to another consumer, counting deliveries.
+
+use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+mod memory;
+mod redis;
+
+pub use memory::MemoryBus;
+pub use redis::RedisBus;
+
+/// The position of an event in its stream: `<milliseconds>-<sequence>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EventId {
+    /// Milliseconds since the Unix epoch when the event was appended (monotonic per stream).
+    pub ms: u64,
+    /// Sequence within the millisecond.
+    pub seq: u64,
+}
+
+impl EventId {
+    /// Before every event: reading after it reads from the beginning.
+    pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+
+    /// An id from its parts.
+    pub const fn new(ms: u64, seq: u64) -> Self {
+        Self { ms, seq }
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = BusError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BusError::InvalidId(s.to_owned());
+        let (ms, seq) = match s.split_once('-') {
+            Some((ms, seq)) => (ms, seq),
+            None => (s, "0"),
+        };
+        Ok(EventId {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Small string attributes: the event kind, trace context (`traceparent`), ...
+    pub headers: BTreeMap<String, String>,
+    /// The body, usually an encoded protobuf message.
+    pub payload: Bytes,
+}
+
+impl NewEvent {
+    /// An event with this payload and no headers.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            headers: BTreeMap::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Adds the current span's W3C trace context (`traceparent`, `tracestate`).
+    pub fn with_trace_context(mut self) -> Self {
+        csp_platform::telemetry::inject_context(&mut csp_platform::telemetry::MapCarrier(
+            &mut self.headers,
+        ));
+        self
+    }
+}
+
+/// An event read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Its position.
+    pub id: EventId,
+    /// Its headers.
+    pub headers: BTreeMap<String, String>,
+    /// Its body.
+    pub payload: Bytes,
+}
+
+impl Event {
+    /// Makes `span` a child of the trace context the event carries.
+    pub fn follow_trace(&self, span: &tracing::Span) {
+        csp_platform::telemetry::set_parent_from(
+            span,
+            &csp_platform::telemetry::MapExtractor(&self.headers),
+        );
+    }
+}
+
+/// An event delivered to a consumer of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The event.
+    pub event: Event,
+    /// How many times it has been delivered (1 the first time; more after claims).
+    pub deliveries: u64,
+}
+
+/// Where a new consumer group starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupStart {
+    /// With the first event of the stream.
+    Beginning,
+    /// With the next event appended.
+    End,
+}
+
+/// Summary of a consumer group's pending entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PendingSummary {
+    /// Entries delivered but not acknowledged.
+    pub count: u64,
+    /// Pending entries per consumer.
+    pub consumers: BTreeMap<String, u64>,
+}
+
+/// Why a bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The text is not an event id.
+    #[error("`{0}` is not an event id (expected <milliseconds>-<sequence>)")]
+    InvalidId(String),
+    /// Events after the requested id were trimmed away by the stream's cap.
+    #[error(
+        "events of {stream} after {after} are no longer kept (oldest kept follows {trimmed_up_to})"
+    )]
+    Truncated {
+        /// The stream.
+        stream: String,
+        /// The id the reader asked to resume after.
+        after: EventId,
+        /// The last id trimmed away.
+        trimmed_up_to: EventId,
+    },
+    /// The consumer group does not exist.
+    #[error("consumer group {group} of {stream} does not exist")]
+    NoGroup {
+        /// The stream.
+        stream: String,
+        /// The group.
+        group: String,
+    },
+    /// The bus could not be reached or answered wrongly.
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    /// The bus could not be set up.
+    #[error("cannot connect to the event bus ({location}): {reason}")]
+    Connect {
+        /// Where, without secrets.
+        location: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Result of bus operations.
+pub type Result<T, E = BusError> = std::result::Result<T, E>;
+
+/// A capped, resumable event log with consumer groups. See the crate docs for the semantics.
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// `redis` or `memory`.
+    fn backend(&self) -> &'static str;
+
+    /// Appends an event; with `cap`, trims the stream to at most `cap` events.
+    async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId>;
+
+    /// Up to `limit` events strictly after `after`; `None` reads from the oldest event kept.
+    /// Fails with [`BusError::Truncated`] when events after `after` were trimmed away.
+    async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>>;
+
+    /// The id of the last event, if the stream has any.
+    async fn last_id(&self, stream: &str) -> Result<Option<EventId>>;
+
+    /// Number of events kept.
+    async fn len(&self, stream: &str) -> Result<u64>;
+
+    /// Deletes a stream with its groups.
+    async fn delete(&self, stream: &str) -> Result<()>;
+
+    /// Events strictly after `after`, then live ones as they are appended, forever (drop the
+    /// stream to stop). `None` means only events appended from now on.
+    async fn tail(
+        &self,
+        stream: &str,
+        after: Option<EventId>,
+    ) -> Result<BoxStream<'static, Result<Event>>>;
+
+    /// Creates a consumer group (and the stream if needed); succeeds if it exists already.
+    async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()>;
+
+    /// Up to `limit` events never delivered to the group, now pending for `consumer`. Waits
+    /// up to `block` for one when there are none.
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        limit: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>>;
+
+    /// Acknowledges events: they are no longer pending. Returns how many were pending.
+    async fn ack(&self, stream: &str, group: &str, ids: &[EventId]) -> Result<u64>;
+
+    /// Takes over up to `limit` events pending (for any consumer) for at least `min_idle`,
+    /// making them pending for `consumer`. Entries trimmed from the stream are dropped.
+    async fn claim_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        limit: usize,
+    ) -> Result<Vec<Delivery>>;
+
+    /// The group's pending entries, per consumer.
+    async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary>;
+
+    /// Checks the bus answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// A shared bus handle.
+pub type SharedBus = Arc<dyn EventBus>;
+
+/// The bus the settings ask for: Redis when `redis.url` (or `redis.host`) is set, else a new
+/// in-process bus.
+pub async fn connect(settings: &csp_platform::Settings) -> Result<SharedBus> {
+    let url = settings
+        .redis
+        .resolved_url()
+        .map_err(|e| BusError::Connect {
+            location: "redis".into(),
+            reason: e.to_string(),
+        })?;
+    match url {
+        Some(url) => Ok(Arc::new(
+            RedisBus::connect(
+                &url,
+                &settings.redis.key_prefix,
+                settings.redis.connect_timeout,
+            )
+            .await?,
+        )),
+        None => Ok(Arc::new(MemoryBus::new())),
+    }
+}
+
+/// A health probe of a bus.
+pub fn probe(bus: SharedBus) -> Arc<dyn csp_platform::health::Probe> {
+    Arc::new(BusProbe(bus))
+}
+
+struct BusProbe(SharedBus);
+
+#[async_trait]
+impl csp_platform::health::Probe for BusProbe {
+    fn name(&self) -> &'static str {
+        "bus"
+    }
+
+    async fn probe(&self) -> std::result::Result<String, String> {
+        self.0.ping().await.map_err(|e| e.to_string())?;
+        Ok(self.0.backend().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn ids_parse_print_and_order() {
+        let id: EventId = "1526919030474-55".parse().unwrap();
+        assert_eq!(id, EventId::new(1_526_919_030_474, 55));
+        assert_eq!(id.to_string(), "1526919030474-55");
+        assert_eq!("0".parse::<EventId>().unwrap(), EventId::ZERO);
+        assert!(EventId::new(5, 9) < EventId::new(6, 0));
+        assert!(EventId::new(5, 1) < EventId::new(5, 2));
+        assert!("abc".parse::<EventId>().is_err());
+        assert!("1-x".parse::<EventId>().is_err());
+    }
+}

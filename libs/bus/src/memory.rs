@@ -1,0 +1,407 @@
+//! The in-process bus of the embedded default: the semantics of Redis streams, in memory.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt as _};
+use tokio::sync::watch;
+
+use crate::{
+    BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
+};
+
+/// Batch size of a tail's reads.
+const TAIL_BATCH: usize = 256;
+
+/// An in-process [`EventBus`]. Clones share the same streams.
+#[derive(Clone, Default)]
+pub struct MemoryBus {
+    streams: Arc<Mutex<HashMap<String, StreamState>>>,
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBus").finish_non_exhaustive()
+    }
+}
+
+struct StreamState {
+    entries: VecDeque<Event>,
+    last_id: EventId,
+    /// The greatest id trimmed away by a cap (ZERO if none).
+    max_deleted: EventId,
+    groups: HashMap<String, GroupState>,
+    /// Publishes the last id, waking tails and blocked group readers.
+    notify: watch::Sender<EventId>,
+}
+
+impl StreamState {
+    fn new() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            last_id: EventId::ZERO,
+            max_deleted: EventId::ZERO,
+            groups: HashMap::new(),
+            notify: watch::channel(EventId::ZERO).0,
+        }
+    }
+
+    /// Index of the first entry with an id greater than `after`.
+    fn first_after(&self, after: EventId) -> usize {
+        self.entries.partition_point(|e| e.id <= after)
+    }
+
+    fn get(&self, id: EventId) -> Option<&Event> {
+        let index = self.entries.partition_point(|e| e.id < id);
+        self.entries.get(index).filter(|e| e.id == id)
+    }
+
+    fn check_not_truncated(&self, stream: &str, after: EventId) -> Result<()> {
+        if after < self.max_deleted {
+            return Err(BusError::Truncated {
+                stream: stream.to_owned(),
+                after,
+                trimmed_up_to: self.max_deleted,
+            });
+        }
+        Ok(())
+    }
+}
+
+struct GroupState {
+    last_delivered: EventId,
+    pending: BTreeMap<EventId, PendingEntry>,
+}
+
+struct PendingEntry {
+    consumer: String,
+    delivered_at: Instant,
+    deliveries: u64,
+}
+
+impl MemoryBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, StreamState>> {
+        match self.streams.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// A receiver that changes whenever `stream` gets an event (creating the stream if needed).
+    fn subscribe(&self, stream: &str) -> watch::Receiver<EventId> {
+        self.lock()
+            .entry(stream.to_owned())
+            .or_insert_with(StreamState::new)
+            .notify
+            .subscribe()
+    }
+
+    fn read_now(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
+        let streams = self.lock();
+        let Some(state) = streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let start = match after {
+            Some(after) => {
+                state.check_not_truncated(stream, after)?;
+                state.first_after(after)
+            }
+            None => 0,
+        };
+        Ok(state
+            .entries
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn read_group_now(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let mut streams = self.lock();
+        let no_group = || BusError::NoGroup {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+        };
+        let state = streams.get_mut(stream).ok_or_else(no_group)?;
+        let start = state.first_after(state.groups.get(group).ok_or_else(no_group)?.last_delivered);
+        let events: Vec<Event> = state
+            .entries
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect();
+        let group_state = state.groups.get_mut(group).ok_or_else(no_group)?;
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            group_state.last_delivered = event.id;
+            group_state.pending.insert(
+                event.id,
+                PendingEntry {
+                    consumer: consumer.to_owned(),
+                    delivered_at: now,
+                    deliveries: 1,
+                },
+            );
+            out.push(Delivery {
+                event,
+                deliveries: 1,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl EventBus for MemoryBus {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId> {
+        let mut streams = self.lock();
+        let state = streams
+            .entry(stream.to_owned())
+            .or_insert_with(StreamState::new);
+        let ms = now_ms().max(state.last_id.ms);
+        let id = if ms == state.last_id.ms {
+            EventId::new(ms, state.last_id.seq + 1)
+        } else {
+            EventId::new(ms, 0)
+        };
+        state.last_id = id;
+        state.entries.push_back(Event {
+            id,
+            headers: event.headers,
+            payload: event.payload,
+        });
+        if let Some(cap) = cap {
+            while state.entries.len() as u64 > cap {
+                if let Some(trimmed) = state.entries.pop_front() {
+                    state.max_deleted = trimmed.id;
+                }
+            }
+        }
+        state.notify.send_replace(id);
+        Ok(id)
+    }
+
+    async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
+        self.read_now(stream, after, limit)
+    }
+
+    async fn last_id(&self, stream: &str) -> Result<Option<EventId>> {
+        Ok(self
+            .lock()
+            .get(stream)
+            .and_then(|s| s.entries.back().map(|e| e.id)))
+    }
+
+    async fn len(&self, stream: &str) -> Result<u64> {
+        Ok(self
+            .lock()
+            .get(stream)
+            .map_or(0, |s| s.entries.len() as u64))
+    }
+
+    async fn delete(&self, stream: &str) -> Result<()> {
+        self.lock().remove(stream);
+        Ok(())
+    }
+
+    async fn tail(
+        &self,
+        stream: &str,
+        after: Option<EventId>,
+    ) -> Result<BoxStream<'static, Result<Event>>> {
+        let bus = self.clone();
+        let stream_name = stream.to_owned();
+        let mut changes = self.subscribe(stream);
+        // "From now on" is resolved when the tail is created, not when it is first polled.
+        let start = after.unwrap_or_else(|| *changes.borrow_and_update());
+        Ok(stream::unfold(Some((start, changes)), move |state| {
+            let bus = bus.clone();
+            let stream_name = stream_name.clone();
+            async move {
+                let (mut cursor, mut changes) = state?;
+                loop {
+                    match bus.read_now(&stream_name, Some(cursor), TAIL_BATCH) {
+                        Err(e) => return Some((stream::iter(vec![Err(e)]), None)),
+                        Ok(events) if !events.is_empty() => {
+                            cursor = events.last().map_or(cursor, |e| e.id);
+                            let items: Vec<Result<Event>> = events.into_iter().map(Ok).collect();
+                            return Some((stream::iter(items), Some((cursor, changes))));
+                        }
+                        Ok(_) => {
+                            if changes.changed().await.is_err() {
+                                // The stream was deleted: start over on a fresh one.
+                                changes = bus.subscribe(&stream_name);
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .flatten()
+        .boxed())
+    }
+
+    async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()> {
+        let mut streams = self.lock();
+        let state = streams
+            .entry(stream.to_owned())
+            .or_insert_with(StreamState::new);
+        let last_delivered = match start {
+            GroupStart::Beginning => EventId::ZERO,
+            GroupStart::End => state.last_id,
+        };
+        state
+            .groups
+            .entry(group.to_owned())
+            .or_insert_with(|| GroupState {
+                last_delivered,
+                pending: BTreeMap::new(),
+            });
+        Ok(())
+    }
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        limit: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + block;
+        let mut changes = self.subscribe(stream);
+        loop {
+            changes.borrow_and_update();
+            let delivered = self.read_group_now(stream, group, consumer, limit)?;
+            if !delivered.is_empty() {
+                return Ok(delivered);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => changes = self.subscribe(stream),
+                Err(_) => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[EventId]) -> Result<u64> {
+        let mut streams = self.lock();
+        let Some(group_state) = streams
+            .get_mut(stream)
+            .and_then(|s| s.groups.get_mut(group))
+        else {
+            return Ok(0);
+        };
+        Ok(ids
+            .iter()
+            .filter(|id| group_state.pending.remove(id).is_some())
+            .count() as u64)
+    }
+
+    async fn claim_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let mut streams = self.lock();
+        let no_group = || BusError::NoGroup {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+        };
+        let state = streams.get_mut(stream).ok_or_else(no_group)?;
+        let now = Instant::now();
+        let idle_ids: Vec<EventId> = state
+            .groups
+            .get(group)
+            .ok_or_else(no_group)?
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.delivered_at) >= min_idle)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut claimed = Vec::new();
+        let mut vanished = Vec::new();
+        for id in idle_ids {
+            if claimed.len() >= limit {
+                break;
+            }
+            match state.get(id) {
+                Some(event) => claimed.push(event.clone()),
+                None => vanished.push(id),
+            }
+        }
+        let group_state = state.groups.get_mut(group).ok_or_else(no_group)?;
+        // Like Redis 7: entries trimmed from the stream leave the pending list when met.
+        for id in vanished {
+            group_state.pending.remove(&id);
+        }
+        let mut out = Vec::with_capacity(claimed.len());
+        for event in claimed {
+            if let Some(entry) = group_state.pending.get_mut(&event.id) {
+                entry.consumer = consumer.to_owned();
+                entry.delivered_at = now;
+                entry.deliveries += 1;
+                out.push(Delivery {
+                    deliveries: entry.deliveries,
+                    event,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary> {
+        let streams = self.lock();
+        let group_state = streams
+            .get(stream)
+            .and_then(|s| s.groups.get(group))
+            .ok_or_else(|| BusError::NoGroup {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+            })?;
+        let mut summary = PendingSummary {
+            count: group_state.pending.len() as u64,
+            ..Default::default()
+        };
+        for entry in group_state.pending.values() {
+            *summary.consumers.entry(entry.consumer.clone()).or_default() += 1;
+        }
+        Ok(summary)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

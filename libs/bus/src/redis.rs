@@ -1,0 +1,903 @@
+//! The Redis-streams bus of the distributed mode.
+//!
+//! Each event is a stream entry with the field `p` (payload) and one `h:<name>` field per
+//! header. Keys are `<redis.key_prefix><stream>`.
+//!
+//! Connections: a small pool serves ordinary commands. Blocking reads never use it: consumer
+//! group reads borrow a dedicated connection from a free list, and every tail of this process
+//! shares one *hub* connection that runs `XREAD BLOCK` over all tailed streams at once and fans
+//! entries out. A tail that falls behind the hub is dropped from it and catches up from the
+//! stream itself (`XRANGE`), so a slow reader never loses events and never stalls the others.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::{
+    prelude::{
+        ClientInterface, ClientLike, Config, Error as RedisError, ErrorKind, EventInterface as _,
+        KeysInterface, Pool, ReconnectPolicy, StreamsInterface,
+    },
+    types::{ClientUnblockFlag, Value},
+};
+use futures::stream::{self, BoxStream, StreamExt as _};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{
+    BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
+};
+
+/// Payload field of an entry.
+const PAYLOAD_FIELD: &str = "p";
+/// Prefix of header fields.
+const HEADER_PREFIX: &str = "h:";
+/// Batch size of catch-up reads and of the hub's reads.
+const BATCH: u64 = 256;
+/// Longest a hub read blocks; bounds how late a newly tailed stream joins when the wake-up
+/// races the read.
+const HUB_BLOCK: Duration = Duration::from_millis(1000);
+/// Events buffered per tail before the hub drops it to catch up on its own.
+const TAIL_BUFFER: usize = 1024;
+
+/// An [`EventBus`] on Redis streams. Clones share connections.
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    prefix: String,
+    location: String,
+    /// Idle dedicated connections for blocking group reads.
+    blocking: Mutex<Vec<fred::clients::Client>>,
+    hub: OnceLock<Arc<Hub>>,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("location", &self.inner.location)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn unavailable(error: RedisError) -> BusError {
+    BusError::Unavailable(error.to_string())
+}
+
+/// `redis://:secret@host:6379/0` → `redis://host:6379/0`.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_password(None);
+            let _ = parsed.set_username("");
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+impl RedisBus {
+    /// Connects to Redis; fails (rather than retrying forever) if the first connection fails.
+    /// `prefix` is prepended to every key.
+    pub async fn connect(
+        url: &SecretString,
+        prefix: &str,
+        connect_timeout: Duration,
+    ) -> Result<Self> {
+        let location = redact(url.expose_secret());
+        let failed = |reason: String| BusError::Connect {
+            location: location.clone(),
+            reason,
+        };
+        let config = Config::from_url(url.expose_secret()).map_err(|e| failed(e.to_string()))?;
+        let mut builder = fred::types::Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = connect_timeout;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_secs(10);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let pool = builder.build_pool(4).map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(connect_timeout + Duration::from_secs(1), pool.init()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let _ = pool.quit().await;
+                return Err(failed(e.to_string()));
+            }
+            Err(_) => {
+                let _ = pool.quit().await;
+                return Err(failed(format!(
+                    "no answer within {}s",
+                    connect_timeout.as_secs()
+                )));
+            }
+        }
+        for client in pool.clients() {
+            let location = location.clone();
+            client.on_reconnect(move |server| {
+                tracing::info!(location = %location, server = %server, "redis reconnected");
+                async { Ok(()) }
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                prefix: prefix.to_owned(),
+                location,
+                blocking: Mutex::new(Vec::new()),
+                hub: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// Where it is connected, without secrets.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// Deletes every key under this bus's prefix (test teardown, or resetting a deployment).
+    pub async fn purge(&self) -> Result<u64> {
+        let pattern = format!("{}*", escape_glob(&self.inner.prefix));
+        let keys: Vec<fred::types::Key> = self
+            .inner
+            .pool
+            .next()
+            .scan_buffered(pattern, Some(500), None)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(unavailable)?;
+        let mut deleted = 0;
+        for chunk in keys.chunks(500) {
+            let n: u64 = self
+                .inner
+                .pool
+                .unlink(chunk.to_vec())
+                .await
+                .map_err(unavailable)?;
+            deleted += n;
+        }
+        Ok(deleted)
+    }
+
+    fn key(&self, stream: &str) -> String {
+        format!("{}{stream}", self.inner.prefix)
+    }
+
+    /// A dedicated, connected client for a blocking command; give it back with `give_back`.
+    async fn borrow_blocking(&self) -> Result<fred::clients::Client> {
+        if let Some(client) = lock(&self.inner.blocking).pop() {
+            return Ok(client);
+        }
+        let client = self.inner.pool.next().clone_new();
+        client.init().await.map_err(unavailable)?;
+        Ok(client)
+    }
+
+    fn give_back(&self, client: fred::clients::Client) {
+        let mut idle = lock(&self.inner.blocking);
+        if idle.len() < 16 {
+            idle.push(client);
+        } else {
+            drop(idle);
+            tokio::spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
+    }
+
+    fn hub(&self) -> Arc<Hub> {
+        self.inner
+            .hub
+            .get_or_init(|| {
+                let hub = Arc::new(Hub {
+                    reader: self.inner.pool.next().clone_new(),
+                    keys: Mutex::new(HashMap::new()),
+                    wake: Notify::new(),
+                });
+                tokio::spawn(hub.clone().run());
+                hub
+            })
+            .clone()
+    }
+
+    /// Fails with `Truncated` when entries after `after` were trimmed away.
+    async fn check_not_truncated(&self, stream: &str, key: &str, after: EventId) -> Result<()> {
+        let info: Value = match self.inner.pool.xinfo_stream(key, false, None).await {
+            Ok(info) => info,
+            // No such key: nothing was trimmed.
+            Err(e) if e.details().contains("no such key") => return Ok(()),
+            Err(e) => return Err(unavailable(e)),
+        };
+        let max_deleted = field_of(&info, "max-deleted-entry-id")
+            .and_then(text)
+            .and_then(|t| t.parse::<EventId>().ok())
+            .unwrap_or(EventId::ZERO);
+        if after < max_deleted {
+            return Err(BusError::Truncated {
+                stream: stream.to_owned(),
+                after,
+                trimmed_up_to: max_deleted,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventBus for RedisBus {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId> {
+        let mut fields: Vec<(String, Value)> = Vec::with_capacity(1 + event.headers.len());
+        fields.push((PAYLOAD_FIELD.to_owned(), Value::Bytes(event.payload)));
+        for (name, value) in event.headers {
+            fields.push((format!("{HEADER_PREFIX}{name}"), Value::from(value)));
+        }
+        let id: String = match cap {
+            None => {
+                self.inner
+                    .pool
+                    .xadd(self.key(stream), false, None, "*", fields)
+                    .await
+            }
+            Some(cap) => {
+                let mut args = Vec::with_capacity(2 * fields.len() + 1);
+                args.push(Value::Integer(cap.max(1) as i64));
+                for (name, value) in fields {
+                    args.push(Value::from(name));
+                    args.push(value);
+                }
+                capped_append_script()
+                    .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        id.parse()
+    }
+
+    async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
+        let key = self.key(stream);
+        if let Some(after) = after {
+            self.check_not_truncated(stream, &key, after).await?;
+        }
+        let start = match after {
+            Some(after) => format!("({after}"),
+            None => "-".to_owned(),
+        };
+        let reply: Value = self
+            .inner
+            .pool
+            .xrange(key, start, "+", Some(limit as u64))
+            .await
+            .map_err(unavailable)?;
+        parse_entries(reply)
+    }
+
+    async fn last_id(&self, stream: &str) -> Result<Option<EventId>> {
+        let reply: Value = self
+            .inner
+            .pool
+            .xrevrange(self.key(stream), "+", "-", Some(1))
+            .await
+            .map_err(unavailable)?;
+        Ok(parse_entries(reply)?.first().map(|e| e.id))
+    }
+
+    async fn len(&self, stream: &str) -> Result<u64> {
+        self.inner
+            .pool
+            .xlen(self.key(stream))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn delete(&self, stream: &str) -> Result<()> {
+        let _: i64 = self
+            .inner
+            .pool
+            .del(self.key(stream))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn tail(
+        &self,
+        stream: &str,
+        after: Option<EventId>,
+    ) -> Result<BoxStream<'static, Result<Event>>> {
+        let cursor = match after {
+            Some(after) => after,
+            None => self.last_id(stream).await?.unwrap_or(EventId::ZERO),
+        };
+        let tail = Tail {
+            bus: self.clone(),
+            stream: stream.to_owned(),
+            key: self.key(stream),
+            cursor,
+            live: None,
+            catching_up: true,
+        };
+        Ok(stream::unfold(Some(tail), |state| async move {
+            let mut tail = state?;
+            match tail.next_batch().await {
+                Ok(events) => {
+                    let items: Vec<Result<Event>> = events.into_iter().map(Ok).collect();
+                    Some((stream::iter(items), Some(tail)))
+                }
+                Err(e) => Some((stream::iter(vec![Err(e)]), None)),
+            }
+        })
+        .flatten()
+        .boxed())
+    }
+
+    async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()> {
+        let id = match start {
+            GroupStart::Beginning => "0",
+            GroupStart::End => "$",
+        };
+        match self
+            .inner
+            .pool
+            .xgroup_create::<Value, _, _, _>(self.key(stream), group, id, true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        limit: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let key = self.key(stream);
+        let client = self.borrow_blocking().await?;
+        let block_ms = (!block.is_zero()).then(|| block.as_millis().max(1) as u64);
+        let options = fred::types::config::Options {
+            timeout: Some(block + Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let reply = client
+            .with_options(&options)
+            .xreadgroup::<Value, _, _, _, _>(
+                group,
+                consumer,
+                Some(limit as u64),
+                block_ms,
+                false,
+                key,
+                ">",
+            )
+            .await;
+        self.give_back(client);
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) if e.details().contains("NOGROUP") => {
+                return Err(BusError::NoGroup {
+                    stream: stream.to_owned(),
+                    group: group.to_owned(),
+                });
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(parse_read_reply(reply)?
+            .into_iter()
+            .flat_map(|(_, events)| events)
+            .map(|event| Delivery {
+                event,
+                deliveries: 1,
+            })
+            .collect())
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[EventId]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        self.inner
+            .pool
+            .xack(self.key(stream), group, ids)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn claim_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let key = self.key(stream);
+        let mut claimed: Vec<Event> = Vec::new();
+        let mut cursor = "0-0".to_owned();
+        // XAUTOCLAIM examines a bounded slice of the pending list per call: follow its cursor.
+        loop {
+            let want = (limit - claimed.len()) as u64;
+            let reply = self
+                .inner
+                .pool
+                .xautoclaim::<Value, _, _, _, _>(
+                    key.as_str(),
+                    group,
+                    consumer,
+                    min_idle.as_millis() as u64,
+                    cursor.as_str(),
+                    Some(want),
+                    false,
+                )
+                .await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) if e.details().contains("NOGROUP") => {
+                    return Err(BusError::NoGroup {
+                        stream: stream.to_owned(),
+                        group: group.to_owned(),
+                    });
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            let Value::Array(mut parts) = reply else {
+                return Err(BusError::Unavailable("unexpected XAUTOCLAIM reply".into()));
+            };
+            if parts.len() < 2 {
+                return Err(BusError::Unavailable("unexpected XAUTOCLAIM reply".into()));
+            }
+            let entries = parts.swap_remove(1);
+            let next = text(&parts[0]).unwrap_or_else(|| "0-0".to_owned());
+            claimed.extend(parse_entries(entries)?);
+            if next == "0-0" || claimed.len() >= limit {
+                break;
+            }
+            cursor = next;
+        }
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        // XAUTOCLAIM does not say how often each entry was delivered; XPENDING does.
+        let first = claimed
+            .iter()
+            .map(|e| e.id)
+            .min()
+            .unwrap_or_default()
+            .to_string();
+        let last = claimed
+            .iter()
+            .map(|e| e.id)
+            .max()
+            .unwrap_or_default()
+            .to_string();
+        let detail: Value = self
+            .inner
+            .pool
+            .xpending(
+                key.as_str(),
+                group,
+                (
+                    first,
+                    last,
+                    claimed.len() as u64 * 4 + 16,
+                    consumer.to_owned(),
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut counts: HashMap<EventId, u64> = HashMap::new();
+        if let Value::Array(rows) = detail {
+            for row in rows {
+                if let Value::Array(cols) = row {
+                    if let (Some(id), Some(count)) = (
+                        cols.first().and_then(text).and_then(|t| t.parse().ok()),
+                        cols.get(3).and_then(integer),
+                    ) {
+                        counts.insert(id, count as u64);
+                    }
+                }
+            }
+        }
+        Ok(claimed
+            .into_iter()
+            .map(|event| Delivery {
+                deliveries: counts.get(&event.id).copied().unwrap_or(2),
+                event,
+            })
+            .collect())
+    }
+
+    async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary> {
+        let reply: Value = match self.inner.pool.xpending(self.key(stream), group, ()).await {
+            Ok(reply) => reply,
+            Err(e) if e.details().contains("NOGROUP") => {
+                return Err(BusError::NoGroup {
+                    stream: stream.to_owned(),
+                    group: group.to_owned(),
+                });
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let mut summary = PendingSummary::default();
+        if let Value::Array(parts) = reply {
+            summary.count = parts.first().and_then(integer).unwrap_or(0) as u64;
+            if let Some(Value::Array(consumers)) = parts.get(3) {
+                for pair in consumers {
+                    if let Value::Array(pair) = pair {
+                        if let (Some(name), Some(count)) =
+                            (pair.first().and_then(text), pair.get(1).and_then(integer))
+                        {
+                            summary.consumers.insert(name, count as u64);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: Value = self.inner.pool.ping(None).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// One tail: catches up from the stream, then takes live entries from the hub.
+struct Tail {
+    bus: RedisBus,
+    stream: String,
+    key: String,
+    /// Last id delivered (or to start after).
+    cursor: EventId,
+    /// Entries from the hub, when registered with it.
+    live: Option<mpsc::Receiver<Event>>,
+    /// Reading the stream itself until it has nothing newer than the cursor.
+    catching_up: bool,
+}
+
+impl Tail {
+    async fn next_batch(&mut self) -> Result<Vec<Event>> {
+        loop {
+            let cursor = self.cursor;
+            if self.live.is_none() {
+                // Register first, so nothing appended from here on can be missed; the catch-up
+                // reads cover what came before, and the cursor drops duplicates.
+                self.live = Some(self.bus.hub().subscribe(&self.key, cursor).await);
+                self.catching_up = true;
+            }
+            if self.catching_up {
+                let events = self
+                    .bus
+                    .read(&self.stream, Some(cursor), BATCH as usize)
+                    .await?;
+                if events.len() < BATCH as usize {
+                    self.catching_up = false;
+                }
+                if let Some(last) = events.last() {
+                    self.cursor = last.id;
+                    return Ok(events);
+                }
+                continue;
+            }
+            let Some(live) = &mut self.live else { continue };
+            match live.recv().await {
+                Some(event) if event.id > cursor => {
+                    let mut events = vec![event];
+                    while events.len() < BATCH as usize {
+                        let Ok(more) = live.try_recv() else { break };
+                        if more.id > events.last().map_or(cursor, |e| e.id) {
+                            events.push(more);
+                        }
+                    }
+                    self.cursor = events.last().map_or(cursor, |e| e.id);
+                    return Ok(events);
+                }
+                Some(_) => {}
+                // Dropped by the hub (this tail fell behind): catch up from the stream.
+                None => self.live = None,
+            }
+        }
+    }
+}
+
+/// The process-wide reader behind every tail.
+struct Hub {
+    reader: fred::clients::Client,
+    keys: Mutex<HashMap<String, Subscribers>>,
+    wake: Notify,
+}
+
+struct Subscribers {
+    cursor: EventId,
+    senders: Vec<mpsc::Sender<Event>>,
+}
+
+impl Hub {
+    async fn subscribe(&self, key: &str, cursor: EventId) -> mpsc::Receiver<Event> {
+        let (tx, rx) = mpsc::channel(TAIL_BUFFER);
+        let is_new = {
+            let mut keys = lock(&self.keys);
+            match keys.get_mut(key) {
+                Some(subscribers) => {
+                    subscribers.senders.push(tx);
+                    false
+                }
+                None => {
+                    keys.insert(
+                        key.to_owned(),
+                        Subscribers {
+                            cursor,
+                            senders: vec![tx],
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if is_new {
+            self.wake.notify_one();
+            // Interrupt a read that does not include this key yet.
+            let _ = self
+                .reader
+                .unblock_self(Some(ClientUnblockFlag::Timeout))
+                .await;
+        }
+        rx
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if !self.reader.is_connected() {
+                if let Err(error) = self.reader.init().await {
+                    tracing::warn!(%error, "event bus tail reader cannot connect; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            let (keys, ids): (Vec<String>, Vec<String>) = {
+                let mut keys = lock(&self.keys);
+                keys.retain(|_, subs| {
+                    subs.senders.retain(|tx| !tx.is_closed());
+                    !subs.senders.is_empty()
+                });
+                keys.iter()
+                    .map(|(k, s)| (k.clone(), s.cursor.to_string()))
+                    .unzip()
+            };
+            if keys.is_empty() {
+                self.wake.notified().await;
+                continue;
+            }
+            let options = fred::types::config::Options {
+                timeout: Some(HUB_BLOCK + Duration::from_secs(10)),
+                ..Default::default()
+            };
+            let reply = self
+                .reader
+                .with_options(&options)
+                .xread::<Value, _, _>(Some(BATCH), Some(HUB_BLOCK.as_millis() as u64), keys, ids)
+                .await;
+            let reply = match reply {
+                Ok(reply) => {
+                    backoff = Duration::from_millis(100);
+                    reply
+                }
+                Err(e) if e.kind() == &ErrorKind::Unknown && e.details().contains("UNBLOCKED") => {
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "event bus tail read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let batches = match parse_read_reply(reply) {
+                Ok(batches) => batches,
+                Err(error) => {
+                    tracing::warn!(%error, "unexpected event bus reply");
+                    continue;
+                }
+            };
+            let mut keys = lock(&self.keys);
+            for (key, events) in batches {
+                let Some(subscribers) = keys.get_mut(&key) else {
+                    continue;
+                };
+                for event in events {
+                    if event.id <= subscribers.cursor {
+                        continue;
+                    }
+                    subscribers.cursor = event.id;
+                    // A full buffer means a slow reader: drop it; it catches up on its own.
+                    subscribers
+                        .senders
+                        .retain(|tx| tx.try_send(event.clone()).is_ok());
+                }
+            }
+        }
+    }
+}
+
+/// XADD with an exact MAXLEN that also records the last trimmed id as the stream's
+/// `max-deleted-entry-id` (Redis only tracks XDEL there), so readers resuming from before the
+/// kept window are told instead of silently skipping events.
+fn capped_append_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local cap = tonumber(ARGV[1])
+local excess = redis.call('XLEN', KEYS[1]) + 1 - cap
+local trimmed = nil
+if excess > 0 then
+  local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+  if #old > 0 then trimmed = old[#old][1] end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', cap, '*', unpack(ARGV, 2))
+if trimmed then
+  redis.call('XSETID', KEYS[1], id, 'MAXDELETEDID', trimmed)
+end
+return id
+"#,
+        )
+    })
+}
+
+/// Escapes the glob characters of a key prefix for SCAN MATCH.
+fn escape_glob(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// --- reply parsing (RESP2 shapes) ---
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.to_string()),
+        Value::Bytes(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        Value::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn integer(value: &Value) -> Option<i64> {
+    match value {
+        Value::Integer(i) => Some(*i),
+        other => text(other).and_then(|t| t.parse().ok()),
+    }
+}
+
+fn bytes_of(value: Value) -> Bytes {
+    match value {
+        Value::Bytes(b) => b,
+        Value::String(s) => s.into_inner(),
+        Value::Integer(i) => Bytes::from(i.to_string()),
+        _ => Bytes::new(),
+    }
+}
+
+/// A field of a flat `[key, value, key, value, ...]` reply (the connection speaks RESP2).
+fn field_of<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
+    match value {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| pair.first().and_then(text).as_deref() == Some(name))
+            .and_then(|pair| pair.get(1)),
+        _ => None,
+    }
+}
+
+fn bad_reply(what: &str) -> BusError {
+    BusError::Unavailable(format!("unexpected reply: {what}"))
+}
+
+/// `[[id, [field, value, ...]], ...]` → events.
+fn parse_entries(reply: Value) -> Result<Vec<Event>> {
+    let entries = match reply {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(entries) => entries,
+        _ => return Err(bad_reply("entries")),
+    };
+    let mut events = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut parts) = entry else {
+            return Err(bad_reply("entry"));
+        };
+        if parts.len() != 2 {
+            return Err(bad_reply("entry shape"));
+        }
+        let fields = parts.pop().unwrap_or(Value::Null);
+        let id: EventId = text(&parts[0])
+            .ok_or_else(|| bad_reply("entry id"))?
+            .parse()?;
+        let mut headers = BTreeMap::new();
+        let mut payload = Bytes::new();
+        if let Value::Array(fields) = fields {
+            let mut iter = fields.into_iter();
+            while let (Some(name), Some(value)) = (iter.next(), iter.next()) {
+                let name = text(&name).unwrap_or_default();
+                if name == PAYLOAD_FIELD {
+                    payload = bytes_of(value);
+                } else if let Some(header) = name.strip_prefix(HEADER_PREFIX) {
+                    headers.insert(header.to_owned(), text(&value).unwrap_or_default());
+                }
+            }
+        }
+        events.push(Event {
+            id,
+            headers,
+            payload,
+        });
+    }
+    Ok(events)
+}
+
+/// `[[key, entries], ...]` (XREAD / XREADGROUP) → (key, events) per stream.
+fn parse_read_reply(reply: Value) -> Result<Vec<(String, Vec<Event>)>> {
+    let streams = match reply {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(streams) => streams,
+        Value::Map(map) => {
+            let mut out = Vec::new();
+            for (key, entries) in map.inner() {
+                let key = key
+                    .as_str()
+                    .map(|k| k.to_string())
+                    .ok_or_else(|| bad_reply("stream key"))?;
+                out.push((key, parse_entries(entries)?));
+            }
+            return Ok(out);
+        }
+        _ => return Err(bad_reply("read")),
+    };
+    let mut out = Vec::with_capacity(streams.len());
+    for stream in streams {
+        let Value::Array(mut parts) = stream else {
+            return Err(bad_reply("stream"));
+        };
+        if parts.len() != 2 {
+            return Err(bad_reply("stream shape"));
+        }
+        let entries = parts.pop().unwrap_or(Value::Null);
+        let key = text(&parts[0]).ok_or_else(|| bad_reply("stream key"))?;
+        out.push((key, parse_entries(entries)?));
+    }
+    Ok(out)
+}

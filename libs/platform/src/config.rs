@@ -1,0 +1,1012 @@
+//! Typed, layered configuration.
+//!
+//! Layers, later ones winning: built-in defaults < `config/<environment>.yml` (or the file given
+//! with `--config`) < the seed's environment variables (`DATABASE_URL`, `REDIS_URL`, `DB_HOST`,
+//! `LOG_LEVEL`, ... see [`SEED_ENV`]) < `CSP_<SECTION>__<KEY>` variables (for example
+//! `CSP_GATEWAY__LISTEN=0.0.0.0:9000`). Unknown keys are rejected, every error names the key
+//! and where its value came from, and secrets are [`SecretString`]s that never print.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use figment::{Figment, providers::Format};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_saphyr::figment::Yaml;
+
+/// Seed environment variables (unprefixed) and the configuration key each one sets.
+pub const SEED_ENV: &[(&str, &str)] = &[
+    ("ENVIRONMENT", "environment"),
+    ("LOG_LEVEL", "log.level"),
+    ("LOG_FORMAT", "log.format"),
+    ("ENABLE_METRICS", "metrics.enabled"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
+    ("DATABASE_URL", "database.url"),
+    ("DB_HOST", "database.host"),
+    ("DB_PORT", "database.port"),
+    ("DB_NAME", "database.name"),
+    ("DB_USER", "database.user"),
+    ("DB_PASSWORD", "database.password"),
+    ("REDIS_URL", "redis.url"),
+    ("REDIS_HOST", "redis.host"),
+    ("REDIS_PORT", "redis.port"),
+    ("REDIS_DB", "redis.db"),
+    ("REDIS_PASSWORD", "redis.password"),
+    ("SECRET_KEY", "auth.secret_key"),
+    (
+        "JWT_ACCESS_TOKEN_EXPIRE_MINUTES",
+        "auth.access_token_expire_minutes",
+    ),
+    ("OPENAI_API_KEY", "ai.openai_api_key"),
+    ("ANTHROPIC_API_KEY", "ai.anthropic_api_key"),
+];
+
+/// `CSP_*` variables that are not configuration keys: they belong to the CLI and the tests.
+const NON_CONFIG_CSP_VARS: &[&str] = &[
+    "config",
+    "admin_password",
+    "test_database_url",
+    "test_redis_url",
+    "require_external",
+];
+
+/// A configuration problem, with the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or did not match the schema (unknown key, wrong type).
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    /// A value was read but is not acceptable.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The dotted key, e.g. `database.url`.
+        key: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+}
+
+/// Every setting of the suite. Each service reads the sections it needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Name of the environment; selects `config/<environment>.yml`.
+    pub environment: String,
+    /// Logging.
+    pub log: LogSettings,
+    /// Distributed tracing.
+    pub telemetry: TelemetrySettings,
+    /// Prometheus metrics.
+    pub metrics: MetricsSettings,
+    /// The relational database.
+    pub database: DatabaseSettings,
+    /// Redis (the event bus and counters in distributed mode).
+    pub redis: RedisSettings,
+    /// Settings shared by every gRPC server.
+    pub server: ServerSettings,
+    /// Where each service listens and where the others reach it.
+    pub services: ServicesSettings,
+    /// The edge: grpc-web, CORS, limits.
+    pub gateway: GatewaySettings,
+    /// Feature flags.
+    pub features: FeatureFlags,
+    /// Authentication.
+    pub auth: AuthSettings,
+    /// AI providers.
+    pub ai: AiSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            environment: "development".into(),
+            log: LogSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            metrics: MetricsSettings::default(),
+            database: DatabaseSettings::default(),
+            redis: RedisSettings::default(),
+            server: ServerSettings::default(),
+            services: ServicesSettings::default(),
+            gateway: GatewaySettings::default(),
+            features: FeatureFlags::default(),
+            auth: AuthSettings::default(),
+            ai: AiSettings::default(),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter directive: `info`, `debug`, `csp_executor=debug,info`, ...
+    pub level: String,
+    /// `pretty` for people, `json` for log pipelines.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, one line per event.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// OpenTelemetry export.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`; spans are exported only when set.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Serve `GET /metrics` and record metrics.
+    pub enabled: bool,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// The relational database. With neither `url` nor `host`, each service uses its own SQLite
+/// file under `data_dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `postgres://user:pass@host:5432/db` or `sqlite://path/to/dir`.
+    pub url: Option<SecretString>,
+    /// PostgreSQL host, used with the fields below when `url` is unset.
+    pub host: Option<String>,
+    /// PostgreSQL port.
+    pub port: u16,
+    /// PostgreSQL database name.
+    pub name: String,
+    /// PostgreSQL user.
+    pub user: String,
+    /// PostgreSQL password.
+    pub password: Option<SecretString>,
+    /// Folder of the SQLite files of the embedded default.
+    pub data_dir: PathBuf,
+    /// Upper bound of each service's connection pool.
+    pub max_connections: u32,
+    /// How long to wait for a connection before failing.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Apply pending migrations at start-up.
+    pub run_migrations: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            host: None,
+            port: 5432,
+            name: "csp".into(),
+            user: "csp".into(),
+            password: None,
+            data_dir: PathBuf::from("./data"),
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(5),
+            run_migrations: true,
+        }
+    }
+}
+
+/// Which database a service talks to.
+#[derive(Debug, Clone)]
+pub enum DatabaseTarget {
+    /// A PostgreSQL server; each service uses its own schema.
+    Postgres(SecretString),
+    /// SQLite files under this folder, one per service.
+    Sqlite(PathBuf),
+}
+
+impl DatabaseSettings {
+    /// Resolves `url`, or `host` and friends, or the SQLite default.
+    pub fn target(&self) -> Result<DatabaseTarget, ConfigError> {
+        if let Some(url) = &self.url {
+            let raw = url.expose_secret();
+            if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+                return Ok(DatabaseTarget::Postgres(url.clone()));
+            }
+            if let Some(path) = raw
+                .strip_prefix("sqlite://")
+                .or_else(|| raw.strip_prefix("sqlite:"))
+            {
+                let path = path.split('?').next().unwrap_or_default();
+                return Ok(DatabaseTarget::Sqlite(PathBuf::from(if path.is_empty() {
+                    "."
+                } else {
+                    path
+                })));
+            }
+            return Err(ConfigError::Invalid {
+                key: "database.url",
+                message: "must start with postgres://, postgresql:// or sqlite://".into(),
+            });
+        }
+        if let Some(host) = &self.host {
+            let mut url =
+                url::Url::parse("postgres://localhost").map_err(|e| ConfigError::Invalid {
+                    key: "database.host",
+                    message: e.to_string(),
+                })?;
+            url.set_host(Some(host)).map_err(|e| ConfigError::Invalid {
+                key: "database.host",
+                message: e.to_string(),
+            })?;
+            let _ = url.set_port(Some(self.port));
+            let _ = url.set_username(&self.user);
+            if let Some(password) = &self.password {
+                let _ = url.set_password(Some(password.expose_secret()));
+            }
+            url.set_path(&self.name);
+            return Ok(DatabaseTarget::Postgres(SecretString::from(
+                url.to_string(),
+            )));
+        }
+        Ok(DatabaseTarget::Sqlite(self.data_dir.clone()))
+    }
+}
+
+/// Redis. Without `url` or `host` the suite uses its in-process event bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:6379/0`.
+    pub url: Option<SecretString>,
+    /// Redis host, used with the fields below when `url` is unset.
+    pub host: Option<String>,
+    /// Redis port.
+    pub port: u16,
+    /// Redis logical database.
+    pub db: u8,
+    /// Redis password.
+    pub password: Option<SecretString>,
+    /// Prefix of every key the suite writes, so several deployments can share a server.
+    pub key_prefix: String,
+    /// How long to wait for a connection before failing.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            host: None,
+            port: 6379,
+            db: 0,
+            password: None,
+            key_prefix: "csp:".into(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RedisSettings {
+    /// The Redis URL from `url`, or from `host` and friends; `None` means the in-process bus.
+    pub fn resolved_url(&self) -> Result<Option<SecretString>, ConfigError> {
+        if let Some(url) = &self.url {
+            let raw = url.expose_secret();
+            if !(raw.starts_with("redis://") || raw.starts_with("rediss://")) {
+                return Err(ConfigError::Invalid {
+                    key: "redis.url",
+                    message: "must start with redis:// or rediss://".into(),
+                });
+            }
+            return Ok(Some(url.clone()));
+        }
+        let Some(host) = &self.host else {
+            return Ok(None);
+        };
+        let auth = match &self.password {
+            Some(p) => format!(":{}@", p.expose_secret()),
+            None => String::new(),
+        };
+        Ok(Some(SecretString::from(format!(
+            "redis://{auth}{host}:{}/{}",
+            self.port, self.db
+        ))))
+    }
+}
+
+/// Settings every gRPC server shares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Deadline of a unary call (or of the first response of a streaming call) when the
+    /// client sets none.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Calls served at once per server; further calls wait.
+    pub concurrency_limit: usize,
+    /// Largest message a server accepts or sends, in bytes.
+    pub max_message_bytes: usize,
+    /// How long a server reports NOT_SERVING before it stops accepting connections, so load
+    /// balancers stop routing to it.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+    /// How long in-flight calls may take to finish after the server stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// How often dependencies (database, Redis) are probed for health.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            concurrency_limit: 1024,
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(10),
+            health_check_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where one service listens and where others reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEndpoint {
+    /// Address to bind when this service runs as its own target.
+    pub listen: SocketAddr,
+    /// URL the gateway and the other services use to reach it, e.g. `http://design:50052`.
+    pub address: String,
+}
+
+impl ServiceEndpoint {
+    fn on_port(port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], port)),
+            address: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// The endpoints of the six services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesSettings {
+    /// The auth service.
+    pub auth: ServiceEndpoint,
+    /// The design service.
+    pub design: ServiceEndpoint,
+    /// The registry service.
+    pub registry: ServiceEndpoint,
+    /// The executor service.
+    pub executor: ServiceEndpoint,
+    /// The collaboration service.
+    pub collab: ServiceEndpoint,
+    /// The AI service.
+    pub ai: ServiceEndpoint,
+}
+
+impl Default for ServicesSettings {
+    fn default() -> Self {
+        Self {
+            auth: ServiceEndpoint::on_port(50051),
+            design: ServiceEndpoint::on_port(50052),
+            registry: ServiceEndpoint::on_port(50053),
+            executor: ServiceEndpoint::on_port(50054),
+            collab: ServiceEndpoint::on_port(50055),
+            ai: ServiceEndpoint::on_port(50056),
+        }
+    }
+}
+
+impl ServicesSettings {
+    /// The endpoint of one service.
+    pub fn get(&self, service: Service) -> &ServiceEndpoint {
+        match service {
+            Service::Auth => &self.auth,
+            Service::Design => &self.design,
+            Service::Registry => &self.registry,
+            Service::Executor => &self.executor,
+            Service::Collab => &self.collab,
+            Service::Ai => &self.ai,
+        }
+    }
+
+    /// The endpoint of one service, for changing it (the `all` target points every address
+    /// at the loopback port it bound).
+    pub fn get_mut(&mut self, service: Service) -> &mut ServiceEndpoint {
+        match service {
+            Service::Auth => &mut self.auth,
+            Service::Design => &mut self.design,
+            Service::Registry => &mut self.registry,
+            Service::Executor => &mut self.executor,
+            Service::Collab => &mut self.collab,
+            Service::Ai => &mut self.ai,
+        }
+    }
+}
+
+/// The edge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Address the gateway binds.
+    pub listen: SocketAddr,
+    /// Origins browsers may call from, e.g. `http://localhost:5173`; `*` allows any.
+    pub cors_origins: Vec<String>,
+    /// Largest request message forwarded, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// Deadline given to forwarded calls that carry none.
+    #[serde(with = "humantime_serde")]
+    pub default_deadline: Duration,
+    /// Upper bound of a client-given deadline on unary calls.
+    #[serde(with = "humantime_serde")]
+    pub max_deadline: Duration,
+    /// How long to wait for an upstream connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            cors_origins: vec![
+                "http://localhost:3000".into(),
+                "http://localhost:5173".into(),
+            ],
+            max_message_bytes: 4 * 1024 * 1024,
+            default_deadline: Duration::from_secs(30),
+            max_deadline: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Feature flags. A disabled feature answers UNIMPLEMENTED with a message naming its flag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeatureFlags {
+    /// Self sign-up through `Register`.
+    pub self_signup: bool,
+    /// Live collaboration.
+    pub collaboration: bool,
+    /// The AI service and `ai.*` components.
+    pub ai: bool,
+}
+
+impl Default for FeatureFlags {
+    fn default() -> Self {
+        Self {
+            self_signup: false,
+            collaboration: true,
+            ai: true,
+        }
+    }
+}
+
+/// Authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Seed compatibility: a secret used to derive keys where no key file is configured.
+    pub secret_key: Option<SecretString>,
+    /// Lifetime of access tokens, in minutes.
+    pub access_token_expire_minutes: u32,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            secret_key: None,
+            access_token_expire_minutes: 15,
+        }
+    }
+}
+
+/// AI providers.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AiSettings {
+    /// OpenAI API key.
+    pub openai_api_key: Option<SecretString>,
+    /// Anthropic API key.
+    pub anthropic_api_key: Option<SecretString>,
+}
+
+/// One of the six services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Service {
+    /// Users, tokens, roles.
+    Auth,
+    /// Designs and revisions.
+    Design,
+    /// Component types.
+    Registry,
+    /// The CSP runtime.
+    Executor,
+    /// Presence and live edits.
+    Collab,
+    /// AI providers.
+    Ai,
+}
+
+impl Service {
+    /// Every service, in start-up order (dependencies first).
+    pub const ALL: [Service; 6] = [
+        Service::Auth,
+        Service::Registry,
+        Service::Design,
+        Service::Executor,
+        Service::Collab,
+        Service::Ai,
+    ];
+
+    /// Short name: the target name, the PostgreSQL schema and the SQLite file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Auth => "auth",
+            Service::Design => "design",
+            Service::Registry => "registry",
+            Service::Executor => "executor",
+            Service::Collab => "collab",
+            Service::Ai => "ai",
+        }
+    }
+
+    /// The fully-qualified gRPC service name it serves.
+    pub fn grpc_name(self) -> &'static str {
+        match self {
+            Service::Auth => "csp.auth.v1.AuthService",
+            Service::Design => "csp.design.v1.DesignService",
+            Service::Registry => "csp.registry.v1.RegistryService",
+            Service::Executor => "csp.executor.v1.ExecutorService",
+            Service::Collab => "csp.collab.v1.CollaborationService",
+            Service::Ai => "csp.ai.v1.AiService",
+        }
+    }
+
+    /// The service serving a fully-qualified gRPC service name.
+    pub fn from_grpc_name(name: &str) -> Option<Service> {
+        Service::ALL.into_iter().find(|s| s.grpc_name() == name)
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Service {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Service::ALL
+            .into_iter()
+            .find(|svc| svc.name() == s)
+            .ok_or_else(|| format!("unknown service `{s}`"))
+    }
+}
+
+impl Settings {
+    /// Loads the layered configuration from the process environment and, when present,
+    /// `config/<environment>.yml` (or `config_file`, which must then exist).
+    pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_from(config_file, Path::new("config"), &env)
+    }
+
+    /// [`Settings::load`] with an explicit config folder and environment, for tests.
+    pub fn load_from(
+        config_file: Option<&Path>,
+        config_dir: &Path,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let environment = env
+            .get("CSP_ENVIRONMENT")
+            .or_else(|| env.get("ENVIRONMENT"))
+            .cloned()
+            .unwrap_or_else(|| "development".into());
+
+        let mut figment = Figment::new();
+        match config_file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError::Load(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                figment = figment.merge(Yaml::file_exact(path));
+            }
+            None => {
+                let path = config_dir.join(format!("{environment}.yml"));
+                if path.is_file() {
+                    figment = figment.merge(Yaml::file_exact(path));
+                }
+            }
+        }
+
+        figment = figment
+            .merge(EnvLayer::seed(env))
+            .merge(EnvLayer::prefixed(env));
+
+        let settings: Settings = figment
+            .extract_lossy()
+            .map_err(|e| ConfigError::Load(render_figment_error(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values serde cannot check: URL schemes, filter syntax, limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.target()?;
+        self.redis.resolved_url()?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                message: e.to_string(),
+            });
+        }
+        if self.server.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "server.max_message_bytes",
+                message: "must be at least 1024".into(),
+            });
+        }
+        if self.gateway.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "gateway.max_message_bytes",
+                message: "must be at least 1024".into(),
+            });
+        }
+        if self.server.concurrency_limit == 0 {
+            return Err(ConfigError::Invalid {
+                key: "server.concurrency_limit",
+                message: "must be at least 1".into(),
+            });
+        }
+        for origin in &self.gateway.cors_origins {
+            if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "gateway.cors_origins",
+                    message: format!("`{origin}` is not a valid origin"),
+                });
+            }
+        }
+        for service in Service::ALL {
+            let address = &self.services.get(service).address;
+            if address
+                .parse::<http::Uri>()
+                .map(|u| u.scheme().is_none())
+                .unwrap_or(true)
+            {
+                return Err(ConfigError::Invalid {
+                    key: service_address_key(service),
+                    message: format!("`{address}` is not a URL like http://host:port"),
+                });
+            }
+        }
+        if self.auth.access_token_expire_minutes == 0 {
+            return Err(ConfigError::Invalid {
+                key: "auth.access_token_expire_minutes",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn service_address_key(service: Service) -> &'static str {
+    match service {
+        Service::Auth => "services.auth.address",
+        Service::Design => "services.design.address",
+        Service::Registry => "services.registry.address",
+        Service::Executor => "services.executor.address",
+        Service::Collab => "services.collab.address",
+        Service::Ai => "services.ai.address",
+    }
+}
+
+/// Environment variables as a figment layer. Built from an explicit map (the process
+/// environment in production, a literal map in tests) and reporting, in errors, the variable a
+/// bad value came from.
+struct EnvLayer {
+    name: &'static str,
+    data: figment::value::Dict,
+    /// Dotted key -> the variable that set it.
+    origins: BTreeMap<String, String>,
+}
+
+impl EnvLayer {
+    /// The seed's unprefixed variables of [`SEED_ENV`].
+    fn seed(env: &BTreeMap<String, String>) -> Self {
+        Self::build("seed environment variable", env, |var| {
+            SEED_ENV
+                .iter()
+                .find(|(v, _)| *v == var)
+                .map(|(_, key)| (*key).to_owned())
+        })
+    }
+
+    /// `CSP_SECTION__KEY` variables.
+    fn prefixed(env: &BTreeMap<String, String>) -> Self {
+        Self::build("environment variable", env, |var| {
+            let key = var.strip_prefix("CSP_")?.to_ascii_lowercase();
+            (!NON_CONFIG_CSP_VARS.contains(&key.as_str())).then(|| key.replace("__", "."))
+        })
+    }
+
+    fn build(
+        name: &'static str,
+        env: &BTreeMap<String, String>,
+        key_of: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        let mut data = figment::value::Dict::new();
+        let mut origins = BTreeMap::new();
+        for (var, raw) in env {
+            let Some(key) = key_of(var) else { continue };
+            // Kept as text: `extract_lossy` turns it into a number or boolean only where the
+            // setting is one, so a password of digits stays a string.
+            insert_path(&mut data, &key, figment::value::Value::from(raw.clone()));
+            origins.insert(key, var.clone());
+        }
+        Self {
+            name,
+            data,
+            origins,
+        }
+    }
+}
+
+impl figment::Provider for EnvLayer {
+    fn metadata(&self) -> figment::Metadata {
+        let origins = self.origins.clone();
+        figment::Metadata::named(self.name).interpolater(move |_, keys| {
+            let key = keys.join(".");
+            origins.get(&key).cloned().unwrap_or(key)
+        })
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.data.clone()))
+    }
+}
+
+fn insert_path(dict: &mut figment::value::Dict, key: &str, value: figment::value::Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| figment::value::Value::from(figment::value::Dict::new()));
+            if !matches!(entry, figment::value::Value::Dict(..)) {
+                *entry = figment::value::Value::from(figment::value::Dict::new());
+            }
+            if let figment::value::Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Renders every figment error on its own clause, each with the key path and the source.
+fn render_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let profile = e.profile.clone().unwrap_or_default();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(source) => format!(" (from {source})"),
+                    None => format!(" (from {} {})", m.name, m.interpolate(&profile, &e.path)),
+                })
+                .unwrap_or_default();
+            let kind = e.kind.to_string();
+            if key.is_empty() {
+                format!("{kind}{source}")
+            } else {
+                format!("{key}: {kind}{source}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load(dir: &Path, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(None, dir, &env(pairs))
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(dir.path(), &[]).unwrap();
+        assert!(
+            matches!(s.database.target().unwrap(), DatabaseTarget::Sqlite(p) if p == Path::new("./data"))
+        );
+        assert!(s.redis.resolved_url().unwrap().is_none());
+        assert_eq!(s.gateway.listen.port(), 8080);
+        assert_eq!(s.auth.access_token_expire_minutes, 15);
+    }
+
+    #[test]
+    fn yaml_then_seed_env_then_prefixed_env() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("development.yml"),
+            "log:\n  level: debug\nauth:\n  access_token_expire_minutes: 60\ngateway:\n  listen: 127.0.0.1:9000\n",
+        )
+        .unwrap();
+        let s = load(
+            dir.path(),
+            &[
+                ("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", "30"),
+                ("CSP_GATEWAY__LISTEN", "127.0.0.1:9100"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.log.level, "debug", "yaml beats defaults");
+        assert_eq!(
+            s.auth.access_token_expire_minutes, 30,
+            "seed env beats yaml"
+        );
+        assert_eq!(s.gateway.listen.port(), 9100, "CSP_ env beats yaml");
+    }
+
+    #[test]
+    fn environment_selects_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("production.yml"), "log:\n  format: json\n").unwrap();
+        let s = load(dir.path(), &[("ENVIRONMENT", "production")]).unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.environment, "production");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("development.yml"),
+            "database:\n  hots: db\n",
+        )
+        .unwrap();
+        let err = load(dir.path(), &[]).unwrap_err().to_string();
+        assert!(err.contains("database"), "{err}");
+        assert!(err.contains("hots"), "{err}");
+        let err = load(
+            tempfile::tempdir().unwrap().path(),
+            &[("CSP_GATEWAY__LISTN", "x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(dir.path(), &[("CSP_GATEWAY__LISTEN", "not-an-address")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.listen"), "{err}");
+        let err = load(dir.path(), &[("DATABASE_URL", "mysql://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url"), "{err}");
+        let err = load(dir.path(), &[("DB_PORT", "seventy")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.port"), "{err}");
+        let err = load(dir.path(), &[("LOG_LEVEL", "info,=[")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("development.yml"), "log: [unclosed\n").unwrap();
+        let err = load(dir.path(), &[]).unwrap_err().to_string();
+        assert!(err.contains("development.yml"), "{err}");
+    }
+
+    #[test]
+    fn seed_database_parts_build_a_postgres_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(
+            dir.path(),
+            &[
+                ("DB_HOST", "db.internal"),
+                ("DB_USER", "app"),
+                ("DB_PASSWORD", "12345"),
+                ("DB_NAME", "designs"),
+            ],
+        )
+        .unwrap();
+        match s.database.target().unwrap() {
+            DatabaseTarget::Postgres(url) => {
+                assert_eq!(
+                    url.expose_secret(),
+                    "postgres://app:12345@db.internal:5432/designs"
+                )
+            }
+            other => panic!("expected postgres, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(
+            dir.path(),
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2hunter2@h/db"),
+                ("OPENAI_API_KEY", "sk-live-abcdef"),
+            ],
+        )
+        .unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("sk-live"), "{printed}");
+    }
+
+    #[test]
+    fn test_and_cli_variables_are_not_config_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        load(
+            dir.path(),
+            &[
+                ("CSP_TEST_DATABASE_URL", "postgres://x"),
+                ("CSP_ADMIN_PASSWORD", "p"),
+                ("CSP_CONFIG", "x.yml"),
+            ],
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,404 @@
+//! Prometheus metrics and the per-call observability layer.
+//!
+//! [`install`] sets up the process-wide recorder once; [`render`] produces the text exposition
+//! for `GET /metrics`. [`ObserveLayer`] wraps a gRPC server: for every call it opens a server
+//! span (parented to the caller's `traceparent`) and records
+//! `csp_grpc_requests_total{server,service,method,code}`,
+//! `csp_grpc_request_duration_seconds{server,service,method}` (until the last byte of the
+//! response, so streams count their whole life) and `csp_grpc_requests_in_flight{server}`.
+//! Paths that are not a known RPC are labelled `unknown`, so a client cannot blow up the
+//! label cardinality.
+
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    sync::OnceLock,
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use prost::Message as _;
+use tonic::{Code, body::Body};
+use tower::{Layer, Service};
+use tracing::{Instrument as _, field::Empty};
+
+use crate::telemetry::{HeaderExtractor, set_parent_from};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Latency buckets, in seconds: 100 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once; later calls are no-ops) and describes
+/// the shared metrics. Returns whether metrics are being recorded.
+pub fn install() -> bool {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            // Histograms keep raw samples until upkeep folds them into buckets.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
+            describe();
+            Some(handle)
+        })
+        .is_some()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "csp_grpc_requests_total",
+        "gRPC calls handled, by server, service, method and status code"
+    );
+    metrics::describe_histogram!(
+        "csp_grpc_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from request to the end of the response, by server, service and method"
+    );
+    metrics::describe_gauge!(
+        "csp_grpc_requests_in_flight",
+        "gRPC calls being handled, by server"
+    );
+    metrics::describe_gauge!(
+        "csp_dependency_up",
+        "Whether a dependency (database, redis, upstream) answered its last health check"
+    );
+}
+
+/// The Prometheus text exposition of every metric of this process.
+pub fn render() -> String {
+    match HANDLE.get() {
+        Some(Some(handle)) => handle.render(),
+        _ => String::new(),
+    }
+}
+
+/// Every `/package.Service/Method` path declared by the protos, plus health and reflection.
+fn known_paths() -> &'static HashSet<String> {
+    static PATHS: OnceLock<HashSet<String>> = OnceLock::new();
+    PATHS.get_or_init(|| {
+        let mut paths = HashSet::new();
+        for encoded in [
+            csp_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(fds) = prost_types::FileDescriptorSet::decode(encoded) else {
+                continue;
+            };
+            for file in fds.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        paths.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        paths
+    })
+}
+
+/// Splits a known RPC path into (service, method); anything else is `("unknown", "unknown")`.
+pub fn rpc_labels(path: &str) -> (&'static str, &'static str) {
+    match known_paths().get(path) {
+        Some(known) => {
+            let trimmed = &known[1..];
+            trimmed.split_once('/').unwrap_or(("unknown", "unknown"))
+        }
+        None => ("unknown", "unknown"),
+    }
+}
+
+/// The gRPC status of a response head or trailers, if it carries one.
+pub fn grpc_status(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// Label value of a code, in the names grpc-go and most dashboards use.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// Wraps a gRPC server with a server span and call metrics. See the module docs.
+#[derive(Debug, Clone, Copy)]
+pub struct ObserveLayer {
+    server: &'static str,
+}
+
+impl ObserveLayer {
+    /// Labels everything this layer records with `server`.
+    pub fn new(server: &'static str) -> Self {
+        Self { server }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            server: self.server,
+        }
+    }
+}
+
+/// The service made by [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    server: &'static str,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let is_grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        if !is_grpc {
+            let future = self.inner.call(request);
+            return Box::pin(async move { Ok(future.await?.map(Body::new)) });
+        }
+
+        let (service, method) = rpc_labels(request.uri().path());
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = %request.uri().path().trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = Empty,
+            server = self.server,
+        );
+        set_parent_from(&span, &HeaderExtractor(request.headers()));
+        let call = CallRecord::start(self.server, service, method, span.clone());
+        let future = self.inner.call(request).instrument(span);
+        Box::pin(async move {
+            let response = future.await?;
+            let (parts, body) = response.into_parts();
+            if let Some(code) = grpc_status(&parts.headers) {
+                // Trailers-only response: the call is over.
+                call.finish(code);
+                return Ok(Response::from_parts(parts, Body::new(body)));
+            }
+            Ok(Response::from_parts(
+                parts,
+                Body::new(ObservedBody {
+                    inner: body,
+                    call: Some(call),
+                }),
+            ))
+        })
+    }
+}
+
+/// One call being measured; records exactly once (on finish, or as cancelled when dropped).
+struct CallRecord {
+    server: &'static str,
+    service: &'static str,
+    method: &'static str,
+    started: Instant,
+    span: tracing::Span,
+    done: bool,
+}
+
+impl CallRecord {
+    fn start(
+        server: &'static str,
+        service: &'static str,
+        method: &'static str,
+        span: tracing::Span,
+    ) -> Self {
+        metrics::gauge!("csp_grpc_requests_in_flight", "server" => server).increment(1.0);
+        Self {
+            server,
+            service,
+            method,
+            started: Instant::now(),
+            span,
+            done: false,
+        }
+    }
+
+    fn finish(mut self, code: Code) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: Code) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.started.elapsed();
+        self.span.record("rpc.grpc.status_code", code as i32);
+        metrics::gauge!("csp_grpc_requests_in_flight", "server" => self.server).decrement(1.0);
+        metrics::counter!(
+            "csp_grpc_requests_total",
+            "server" => self.server,
+            "service" => self.service,
+            "method" => self.method,
+            "code" => code_label(code),
+        )
+        .increment(1);
+        metrics::histogram!(
+            "csp_grpc_request_duration_seconds",
+            "server" => self.server,
+            "service" => self.service,
+            "method" => self.method,
+        )
+        .record(elapsed.as_secs_f64());
+        if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
+            tracing::warn!(parent: &self.span, code = ?code, elapsed_ms = elapsed.as_millis() as u64, "call failed");
+        } else {
+            tracing::debug!(parent: &self.span, code = ?code, elapsed_ms = elapsed.as_millis() as u64, "call finished");
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // The response was dropped before its trailers: the client went away.
+        self.record(Code::Cancelled);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records the call when its trailers pass.
+    struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        call: Option<CallRecord>,
+    }
+}
+
+impl<B> HttpBody for ObservedBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    if let Some(call) = this.call.take() {
+                        call.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(call) = this.call.take() {
+                    call.finish(Code::Unknown);
+                }
+            }
+            None => {
+                if let Some(call) = this.call.take() {
+                    call.finish(Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_rpcs_are_labelled_and_the_rest_is_unknown() {
+        assert_eq!(
+            rpc_labels("/csp.auth.v1.AuthService/Login"),
+            ("csp.auth.v1.AuthService", "Login")
+        );
+        assert_eq!(
+            rpc_labels("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            rpc_labels("/csp.auth.v1.AuthService/Nope"),
+            ("unknown", "unknown")
+        );
+        assert_eq!(
+            rpc_labels("/evil/x".repeat(10).as_str()),
+            ("unknown", "unknown")
+        );
+    }
+}

@@ -1,0 +1,301 @@
+//! The standard gRPC server every service (and the gateway) runs.
+//!
+//! [`GrpcServer`] binds its listener when created — so the real port is known before serving,
+//! and tests bind `127.0.0.1:0` without races — then takes the gRPC services and serves them
+//! with the suite's common stack:
+//!
+//! ```text
+//! ObserveLayer          server span from `traceparent`, csp_grpc_* metrics
+//!  └ HttpEndpoints      GET /health (JSON), GET /metrics (Prometheus)
+//!     └ concurrency     at most `server.concurrency_limit` calls at once
+//!        └ timeout      `server.request_timeout` unless the client sent `grpc-timeout`
+//!           └ routes    the services, grpc.health.v1, reflection v1 + v1alpha
+//! ```
+//!
+//! Shutdown: when the shutdown future completes the server reports NOT_SERVING, waits
+//! `server.shutdown_delay` (so load balancers stop routing to it), stops accepting, and gives
+//! in-flight calls `server.drain_timeout` to finish.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{Request, Response};
+use tokio::net::TcpListener;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+    transport::server::TcpIncoming,
+};
+use tower::{
+    Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, util::BoxCloneSyncService,
+};
+
+use crate::{
+    config::{ServerSettings, Settings},
+    health::{Dependencies, HealthReport, ServerHealth},
+    http::HttpEndpointsLayer,
+    metrics::ObserveLayer,
+};
+
+/// The type-erased HTTP service a server runs: requests in, responses out, never an error
+/// (errors are gRPC statuses inside the response).
+pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Why a server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr} for {server}: {source}")]
+    Bind {
+        /// The server that tried.
+        server: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error (address in use, permission denied, ...).
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("{server} server failed: {source}")]
+    Serve {
+        /// The server.
+        server: &'static str,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// The reflection service could not be built from the descriptors.
+    #[error("cannot build server reflection: {0}")]
+    Reflection(String),
+}
+
+/// Binds a TCP listener, naming the server and address in the error.
+pub async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            server,
+            addr,
+            source,
+        })
+}
+
+/// A gRPC server being assembled. See the module docs.
+pub struct GrpcServer {
+    name: &'static str,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    settings: ServerSettings,
+    metrics: bool,
+    routes: RoutesBuilder,
+    served: Vec<&'static str>,
+    reflected: Option<Vec<&'static str>>,
+    health: ServerHealth,
+    report: Option<Arc<dyn HealthReport>>,
+}
+
+impl GrpcServer {
+    /// A server named `name` (a metrics label and log field) on an already bound listener.
+    pub fn new(
+        name: &'static str,
+        listener: TcpListener,
+        settings: &Settings,
+    ) -> Result<Self, ServerError> {
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            server: name,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let (reporter, _) = tonic_health::server::health_reporter();
+        Ok(Self {
+            name,
+            listener,
+            local_addr,
+            settings: settings.server.clone(),
+            metrics: settings.metrics.enabled && crate::metrics::install(),
+            routes: Routes::builder(),
+            served: Vec::new(),
+            reflected: None,
+            health: ServerHealth::new(name, reporter),
+            report: None,
+        })
+    }
+
+    /// The address actually bound (with the real port when `:0` was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Adds a gRPC service; it is reported in health and reflection under its name.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.served.push(S::NAME);
+        self.health.track(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// The probes whose failure makes this server NOT_SERVING.
+    pub fn with_dependencies(self, dependencies: Dependencies) -> Self {
+        self.health.set_dependencies(dependencies);
+        self
+    }
+
+    /// Advertise these service names in reflection instead of the served ones (the gateway
+    /// advertises the whole API).
+    pub fn reflect_services(mut self, names: &[&'static str]) -> Self {
+        self.reflected = Some(names.to_vec());
+        self
+    }
+
+    /// Answer `GET /health` from this report instead of the server's own.
+    pub fn with_health_report(mut self, report: Arc<dyn HealthReport>) -> Self {
+        self.report = Some(report);
+        self
+    }
+
+    /// The server's health: its reporter drives `grpc.health.v1`.
+    pub fn health(&self) -> ServerHealth {
+        self.health.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains. See the module docs.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        self.serve_with(|routes| BoxCloneSyncService::new(routes), shutdown)
+            .await
+    }
+
+    /// Like [`serve`](Self::serve), with the routes wrapped by `wrap` inside the common
+    /// stack (the gateway puts CORS, grpc-web and its forwarder there).
+    pub async fn serve_with(
+        self,
+        wrap: impl FnOnce(Routes) -> HttpService,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let GrpcServer {
+            name,
+            listener,
+            local_addr,
+            settings,
+            metrics,
+            mut routes,
+            served,
+            reflected,
+            health,
+            report,
+        } = self;
+        health.refresh().await;
+        let monitor = tokio::spawn(health.clone().monitor(settings.health_check_interval));
+
+        let advertised = reflected.unwrap_or_else(|| served.clone());
+        add_reflection(&mut routes, &advertised)?;
+        routes.add_service(tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.reporter().clone()),
+        ));
+        let inner = wrap(routes.routes().prepare());
+
+        let report: Arc<dyn HealthReport> = report.unwrap_or_else(|| Arc::new(health.clone()));
+        let service = ServiceBuilder::new()
+            .layer(ObserveLayer::new(name))
+            .layer(HttpEndpointsLayer::new(report, metrics))
+            .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
+            .service(inner);
+
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .timeout(settings.request_timeout)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .serve_with_incoming_shutdown(service, incoming, async {
+                let _ = stop_rx.await;
+            });
+        let mut running = tokio::spawn(server);
+        tracing::info!(server = name, addr = %local_addr, services = ?served, "serving");
+
+        tokio::select! {
+            joined = &mut running => {
+                monitor.abort();
+                return flatten(name, joined);
+            }
+            () = shutdown => {}
+        }
+
+        tracing::info!(server = name, "shutting down: reporting NOT_SERVING");
+        health.begin_drain().await;
+        monitor.abort();
+        tokio::time::sleep(settings.shutdown_delay).await;
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(settings.drain_timeout, &mut running).await {
+            Ok(joined) => {
+                tracing::info!(server = name, "stopped");
+                flatten(name, joined)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    server = name,
+                    drain_timeout_s = settings.drain_timeout.as_secs_f64(),
+                    "calls still running after the drain timeout; closing their connections"
+                );
+                running.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+fn flatten(
+    server: &'static str,
+    joined: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match joined {
+        Ok(result) => result.map_err(|source| ServerError::Serve { server, source }),
+        Err(join) if join.is_cancelled() => Ok(()),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// Adds reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha) over the whole descriptor
+/// set, advertising `services` plus health and reflection themselves.
+fn add_reflection(
+    routes: &mut RoutesBuilder,
+    services: &[&'static str],
+) -> Result<(), ServerError> {
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(csp_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for name in services {
+            builder = builder.with_service_name(*name);
+        }
+        builder
+    };
+    routes.add_service(
+        builder()
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?,
+    );
+    routes.add_service(
+        builder()
+            .build_v1alpha()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?,
+    );
+    Ok(())
+}
