@@ -66,10 +66,7 @@ impl FromStr for EventId {
             Some((ms, seq)) => (ms, seq),
             None => (s, "0"),
         };
-        Ok(EventId {
-            ms: ms.parse().map_err(|_| bad())?,
-            seq: seq.parse().map_err(|_| bad())?,
-        })
+        Ok(EventId { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
     }
 }
 
@@ -85,10 +82,7 @@ pub struct NewEvent {
 impl NewEvent {
     /// An event with this payload and no headers.
     pub fn new(payload: impl Into<Bytes>) -> Self {
-        Self {
-            headers: BTreeMap::new(),
-            payload: payload.into(),
-        }
+        Self { headers: BTreeMap::new(), payload: payload.into() }
     }
 
     /// Adds a header.
@@ -99,9 +93,7 @@ impl NewEvent {
 
     /// Adds the current span's W3C trace context (`traceparent`, `tracestate`).
     pub fn with_trace_context(mut self) -> Self {
-        csp_platform::telemetry::inject_context(&mut csp_platform::telemetry::MapCarrier(
-            &mut self.headers,
-        ));
+        csp_platform::telemetry::inject_context(&mut csp_platform::telemetry::MapCarrier(&mut self.headers));
         self
     }
 }
@@ -120,10 +112,7 @@ pub struct Event {
 impl Event {
     /// Makes `span` a child of the trace context the event carries.
     pub fn follow_trace(&self, span: &tracing::Span) {
-        csp_platform::telemetry::set_parent_from(
-            span,
-            &csp_platform::telemetry::MapExtractor(&self.headers),
-        );
+        csp_platform::telemetry::set_parent_from(span, &csp_platform::telemetry::MapExtractor(&self.headers));
     }
 }
 
@@ -161,9 +150,7 @@ pub enum BusError {
     #[error("`{0}` is not an event id (expected <milliseconds>-<sequence>)")]
     InvalidId(String),
     /// Events after the requested id were trimmed away by the stream's cap.
-    #[error(
-        "events of {stream} after {after} are no longer kept (oldest kept follows {trimmed_up_to})"
-    )]
+    #[error("events of {stream} after {after} are no longer kept (oldest kept follows {trimmed_up_to})")]
     Truncated {
         /// The stream.
         stream: String,
@@ -220,11 +207,7 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Events strictly after `after`, then live ones as they are appended, forever (drop the
     /// stream to stop). `None` means only events appended from now on.
-    async fn tail(
-        &self,
-        stream: &str,
-        after: Option<EventId>,
-    ) -> Result<BoxStream<'static, Result<Event>>>;
+    async fn tail(&self, stream: &str, after: Option<EventId>) -> Result<BoxStream<'static, Result<Event>>>;
 
     /// Creates a consumer group (and the stream if needed); succeeds if it exists already.
     async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()>;
@@ -270,18 +253,10 @@ pub async fn connect(settings: &csp_platform::Settings) -> Result<SharedBus> {
     let url = settings
         .redis
         .resolved_url()
-        .map_err(|e| BusError::Connect {
-            location: "redis".into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| BusError::Connect { location: "redis".into(), reason: e.to_string() })?;
     match url {
         Some(url) => Ok(Arc::new(
-            RedisBus::connect(
-                &url,
-                &settings.redis.key_prefix,
-                settings.redis.connect_timeout,
-            )
-            .await?,
+            RedisBus::connect(&url, &settings.redis.key_prefix, settings.redis.connect_timeout).await?,
         )),
         None => Ok(Arc::new(MemoryBus::new())),
     }

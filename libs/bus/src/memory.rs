@@ -10,9 +10,7 @@ use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::watch;
 
-use crate::{
-    BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
-};
+use crate::{BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result};
 
 /// Batch size of a tail's reads.
 const TAIL_BATCH: usize = 256;
@@ -98,11 +96,7 @@ impl MemoryBus {
 
     /// A receiver that changes whenever `stream` gets an event (creating the stream if needed).
     fn subscribe(&self, stream: &str) -> watch::Receiver<EventId> {
-        self.lock()
-            .entry(stream.to_owned())
-            .or_insert_with(StreamState::new)
-            .notify
-            .subscribe()
+        self.lock().entry(stream.to_owned()).or_insert_with(StreamState::new).notify.subscribe()
     }
 
     fn read_now(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
@@ -117,13 +111,7 @@ impl MemoryBus {
             }
             None => 0,
         };
-        Ok(state
-            .entries
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(state.entries.iter().skip(start).take(limit).cloned().collect())
     }
 
     fn read_group_now(
@@ -134,19 +122,10 @@ impl MemoryBus {
         limit: usize,
     ) -> Result<Vec<Delivery>> {
         let mut streams = self.lock();
-        let no_group = || BusError::NoGroup {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-        };
+        let no_group = || BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() };
         let state = streams.get_mut(stream).ok_or_else(no_group)?;
         let start = state.first_after(state.groups.get(group).ok_or_else(no_group)?.last_delivered);
-        let events: Vec<Event> = state
-            .entries
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect();
+        let events: Vec<Event> = state.entries.iter().skip(start).take(limit).cloned().collect();
         let group_state = state.groups.get_mut(group).ok_or_else(no_group)?;
         let now = Instant::now();
         let mut out = Vec::with_capacity(events.len());
@@ -154,26 +133,16 @@ impl MemoryBus {
             group_state.last_delivered = event.id;
             group_state.pending.insert(
                 event.id,
-                PendingEntry {
-                    consumer: consumer.to_owned(),
-                    delivered_at: now,
-                    deliveries: 1,
-                },
+                PendingEntry { consumer: consumer.to_owned(), delivered_at: now, deliveries: 1 },
             );
-            out.push(Delivery {
-                event,
-                deliveries: 1,
-            });
+            out.push(Delivery { event, deliveries: 1 });
         }
         Ok(out)
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[async_trait]
@@ -184,9 +153,7 @@ impl EventBus for MemoryBus {
 
     async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId> {
         let mut streams = self.lock();
-        let state = streams
-            .entry(stream.to_owned())
-            .or_insert_with(StreamState::new);
+        let state = streams.entry(stream.to_owned()).or_insert_with(StreamState::new);
         let ms = now_ms().max(state.last_id.ms);
         let id = if ms == state.last_id.ms {
             EventId::new(ms, state.last_id.seq + 1)
@@ -194,11 +161,7 @@ impl EventBus for MemoryBus {
             EventId::new(ms, 0)
         };
         state.last_id = id;
-        state.entries.push_back(Event {
-            id,
-            headers: event.headers,
-            payload: event.payload,
-        });
+        state.entries.push_back(Event { id, headers: event.headers, payload: event.payload });
         if let Some(cap) = cap {
             while state.entries.len() as u64 > cap {
                 if let Some(trimmed) = state.entries.pop_front() {
@@ -215,17 +178,11 @@ impl EventBus for MemoryBus {
     }
 
     async fn last_id(&self, stream: &str) -> Result<Option<EventId>> {
-        Ok(self
-            .lock()
-            .get(stream)
-            .and_then(|s| s.entries.back().map(|e| e.id)))
+        Ok(self.lock().get(stream).and_then(|s| s.entries.back().map(|e| e.id)))
     }
 
     async fn len(&self, stream: &str) -> Result<u64> {
-        Ok(self
-            .lock()
-            .get(stream)
-            .map_or(0, |s| s.entries.len() as u64))
+        Ok(self.lock().get(stream).map_or(0, |s| s.entries.len() as u64))
     }
 
     async fn delete(&self, stream: &str) -> Result<()> {
@@ -233,11 +190,7 @@ impl EventBus for MemoryBus {
         Ok(())
     }
 
-    async fn tail(
-        &self,
-        stream: &str,
-        after: Option<EventId>,
-    ) -> Result<BoxStream<'static, Result<Event>>> {
+    async fn tail(&self, stream: &str, after: Option<EventId>) -> Result<BoxStream<'static, Result<Event>>> {
         let bus = self.clone();
         let stream_name = stream.to_owned();
         let mut changes = self.subscribe(stream);
@@ -272,9 +225,7 @@ impl EventBus for MemoryBus {
 
     async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()> {
         let mut streams = self.lock();
-        let state = streams
-            .entry(stream.to_owned())
-            .or_insert_with(StreamState::new);
+        let state = streams.entry(stream.to_owned()).or_insert_with(StreamState::new);
         let last_delivered = match start {
             GroupStart::Beginning => EventId::ZERO,
             GroupStart::End => state.last_id,
@@ -282,10 +233,7 @@ impl EventBus for MemoryBus {
         state
             .groups
             .entry(group.to_owned())
-            .or_insert_with(|| GroupState {
-                last_delivered,
-                pending: BTreeMap::new(),
-            });
+            .or_insert_with(|| GroupState { last_delivered, pending: BTreeMap::new() });
         Ok(())
     }
 
@@ -315,16 +263,10 @@ impl EventBus for MemoryBus {
 
     async fn ack(&self, stream: &str, group: &str, ids: &[EventId]) -> Result<u64> {
         let mut streams = self.lock();
-        let Some(group_state) = streams
-            .get_mut(stream)
-            .and_then(|s| s.groups.get_mut(group))
-        else {
+        let Some(group_state) = streams.get_mut(stream).and_then(|s| s.groups.get_mut(group)) else {
             return Ok(0);
         };
-        Ok(ids
-            .iter()
-            .filter(|id| group_state.pending.remove(id).is_some())
-            .count() as u64)
+        Ok(ids.iter().filter(|id| group_state.pending.remove(id).is_some()).count() as u64)
     }
 
     async fn claim_idle(
@@ -336,10 +278,7 @@ impl EventBus for MemoryBus {
         limit: usize,
     ) -> Result<Vec<Delivery>> {
         let mut streams = self.lock();
-        let no_group = || BusError::NoGroup {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-        };
+        let no_group = || BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() };
         let state = streams.get_mut(stream).ok_or_else(no_group)?;
         let now = Instant::now();
         let idle_ids: Vec<EventId> = state
@@ -373,10 +312,7 @@ impl EventBus for MemoryBus {
                 entry.consumer = consumer.to_owned();
                 entry.delivered_at = now;
                 entry.deliveries += 1;
-                out.push(Delivery {
-                    deliveries: entry.deliveries,
-                    event,
-                });
+                out.push(Delivery { deliveries: entry.deliveries, event });
             }
         }
         Ok(out)
@@ -387,14 +323,8 @@ impl EventBus for MemoryBus {
         let group_state = streams
             .get(stream)
             .and_then(|s| s.groups.get(group))
-            .ok_or_else(|| BusError::NoGroup {
-                stream: stream.to_owned(),
-                group: group.to_owned(),
-            })?;
-        let mut summary = PendingSummary {
-            count: group_state.pending.len() as u64,
-            ..Default::default()
-        };
+            .ok_or_else(|| BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() })?;
+        let mut summary = PendingSummary { count: group_state.pending.len() as u64, ..Default::default() };
         for entry in group_state.pending.values() {
             *summary.consumers.entry(entry.consumer.clone()).or_default() += 1;
         }

@@ -28,9 +28,7 @@ use futures::stream::{self, BoxStream, StreamExt as _};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Notify, mpsc};
 
-use crate::{
-    BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
-};
+use crate::{BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result};
 
 /// Payload field of an entry.
 const PAYLOAD_FIELD: &str = "p";
@@ -61,9 +59,7 @@ struct Inner {
 
 impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBus")
-            .field("location", &self.inner.location)
-            .finish_non_exhaustive()
+        f.debug_struct("RedisBus").field("location", &self.inner.location).finish_non_exhaustive()
     }
 }
 
@@ -75,7 +71,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn unavailable(error: RedisError) -> BusError {
-    BusError::Unavailable(error.to_string())
+    BusError::Unavailable(describe(&error))
+}
+
+/// A readable reason: fred renders I/O errors as their Debug form; keep just the message.
+fn describe(error: &RedisError) -> String {
+    let details = error.details();
+    if let Some(start) = details.find("message: \"") {
+        let rest = &details[start + 10..];
+        if let Some(end) = rest.find('"') {
+            return rest[..end].to_ascii_lowercase();
+        }
+    }
+    error.to_string()
 }
 
 /// `redis://:secret@host:6379/0` → `redis://host:6379/0`.
@@ -93,16 +101,9 @@ fn redact(url: &str) -> String {
 impl RedisBus {
     /// Connects to Redis; fails (rather than retrying forever) if the first connection fails.
     /// `prefix` is prepended to every key.
-    pub async fn connect(
-        url: &SecretString,
-        prefix: &str,
-        connect_timeout: Duration,
-    ) -> Result<Self> {
+    pub async fn connect(url: &SecretString, prefix: &str, connect_timeout: Duration) -> Result<Self> {
         let location = redact(url.expose_secret());
-        let failed = |reason: String| BusError::Connect {
-            location: location.clone(),
-            reason,
-        };
+        let failed = |reason: String| BusError::Connect { location: location.clone(), reason };
         let config = Config::from_url(url.expose_secret()).map_err(|e| failed(e.to_string()))?;
         let mut builder = fred::types::Builder::from_config(config);
         builder
@@ -117,16 +118,11 @@ impl RedisBus {
         let pool = builder.build_pool(4).map_err(|e| failed(e.to_string()))?;
         match tokio::time::timeout(connect_timeout + Duration::from_secs(1), pool.init()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                let _ = pool.quit().await;
-                return Err(failed(e.to_string()));
-            }
+            // A pool whose first connection failed is already stopped.
+            Ok(Err(e)) => return Err(failed(describe(&e))),
             Err(_) => {
                 let _ = pool.quit().await;
-                return Err(failed(format!(
-                    "no answer within {}s",
-                    connect_timeout.as_secs()
-                )));
+                return Err(failed(format!("no answer within {}s", connect_timeout.as_secs())));
             }
         }
         for client in pool.clients() {
@@ -167,12 +163,7 @@ impl RedisBus {
             .map_err(unavailable)?;
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
-            let n: u64 = self
-                .inner
-                .pool
-                .unlink(chunk.to_vec())
-                .await
-                .map_err(unavailable)?;
+            let n: u64 = self.inner.pool.unlink(chunk.to_vec()).await.map_err(unavailable)?;
             deleted += n;
         }
         Ok(deleted)
@@ -232,11 +223,7 @@ impl RedisBus {
             .and_then(|t| t.parse::<EventId>().ok())
             .unwrap_or(EventId::ZERO);
         if after < max_deleted {
-            return Err(BusError::Truncated {
-                stream: stream.to_owned(),
-                after,
-                trimmed_up_to: max_deleted,
-            });
+            return Err(BusError::Truncated { stream: stream.to_owned(), after, trimmed_up_to: max_deleted });
         }
         Ok(())
     }
@@ -255,12 +242,7 @@ impl EventBus for RedisBus {
             fields.push((format!("{HEADER_PREFIX}{name}"), Value::from(value)));
         }
         let id: String = match cap {
-            None => {
-                self.inner
-                    .pool
-                    .xadd(self.key(stream), false, None, "*", fields)
-                    .await
-            }
+            None => self.inner.pool.xadd(self.key(stream), false, None, "*", fields).await,
             Some(cap) => {
                 let mut args = Vec::with_capacity(2 * fields.len() + 1);
                 args.push(Value::Integer(cap.max(1) as i64));
@@ -286,48 +268,27 @@ impl EventBus for RedisBus {
             Some(after) => format!("({after}"),
             None => "-".to_owned(),
         };
-        let reply: Value = self
-            .inner
-            .pool
-            .xrange(key, start, "+", Some(limit as u64))
-            .await
-            .map_err(unavailable)?;
+        let reply: Value =
+            self.inner.pool.xrange(key, start, "+", Some(limit as u64)).await.map_err(unavailable)?;
         parse_entries(reply)
     }
 
     async fn last_id(&self, stream: &str) -> Result<Option<EventId>> {
-        let reply: Value = self
-            .inner
-            .pool
-            .xrevrange(self.key(stream), "+", "-", Some(1))
-            .await
-            .map_err(unavailable)?;
+        let reply: Value =
+            self.inner.pool.xrevrange(self.key(stream), "+", "-", Some(1)).await.map_err(unavailable)?;
         Ok(parse_entries(reply)?.first().map(|e| e.id))
     }
 
     async fn len(&self, stream: &str) -> Result<u64> {
-        self.inner
-            .pool
-            .xlen(self.key(stream))
-            .await
-            .map_err(unavailable)
+        self.inner.pool.xlen(self.key(stream)).await.map_err(unavailable)
     }
 
     async fn delete(&self, stream: &str) -> Result<()> {
-        let _: i64 = self
-            .inner
-            .pool
-            .del(self.key(stream))
-            .await
-            .map_err(unavailable)?;
+        let _: i64 = self.inner.pool.del(self.key(stream)).await.map_err(unavailable)?;
         Ok(())
     }
 
-    async fn tail(
-        &self,
-        stream: &str,
-        after: Option<EventId>,
-    ) -> Result<BoxStream<'static, Result<Event>>> {
+    async fn tail(&self, stream: &str, after: Option<EventId>) -> Result<BoxStream<'static, Result<Event>>> {
         let cursor = match after {
             Some(after) => after,
             None => self.last_id(stream).await?.unwrap_or(EventId::ZERO),
@@ -359,12 +320,7 @@ impl EventBus for RedisBus {
             GroupStart::Beginning => "0",
             GroupStart::End => "$",
         };
-        match self
-            .inner
-            .pool
-            .xgroup_create::<Value, _, _, _>(self.key(stream), group, id, true)
-            .await
-        {
+        match self.inner.pool.xgroup_create::<Value, _, _, _>(self.key(stream), group, id, true).await {
             Ok(_) => Ok(()),
             Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
             Err(e) => Err(unavailable(e)),
@@ -388,34 +344,20 @@ impl EventBus for RedisBus {
         };
         let reply = client
             .with_options(&options)
-            .xreadgroup::<Value, _, _, _, _>(
-                group,
-                consumer,
-                Some(limit as u64),
-                block_ms,
-                false,
-                key,
-                ">",
-            )
+            .xreadgroup::<Value, _, _, _, _>(group, consumer, Some(limit as u64), block_ms, false, key, ">")
             .await;
         self.give_back(client);
         let reply = match reply {
             Ok(reply) => reply,
             Err(e) if e.details().contains("NOGROUP") => {
-                return Err(BusError::NoGroup {
-                    stream: stream.to_owned(),
-                    group: group.to_owned(),
-                });
+                return Err(BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() });
             }
             Err(e) => return Err(unavailable(e)),
         };
         Ok(parse_read_reply(reply)?
             .into_iter()
             .flat_map(|(_, events)| events)
-            .map(|event| Delivery {
-                event,
-                deliveries: 1,
-            })
+            .map(|event| Delivery { event, deliveries: 1 })
             .collect())
     }
 
@@ -424,11 +366,7 @@ impl EventBus for RedisBus {
             return Ok(0);
         }
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        self.inner
-            .pool
-            .xack(self.key(stream), group, ids)
-            .await
-            .map_err(unavailable)
+        self.inner.pool.xack(self.key(stream), group, ids).await.map_err(unavailable)
     }
 
     async fn claim_idle(
@@ -461,10 +399,7 @@ impl EventBus for RedisBus {
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) if e.details().contains("NOGROUP") => {
-                    return Err(BusError::NoGroup {
-                        stream: stream.to_owned(),
-                        group: group.to_owned(),
-                    });
+                    return Err(BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() });
                 }
                 Err(e) => return Err(unavailable(e)),
             };
@@ -486,52 +421,30 @@ impl EventBus for RedisBus {
             return Ok(Vec::new());
         }
         // XAUTOCLAIM does not say how often each entry was delivered; XPENDING does.
-        let first = claimed
-            .iter()
-            .map(|e| e.id)
-            .min()
-            .unwrap_or_default()
-            .to_string();
-        let last = claimed
-            .iter()
-            .map(|e| e.id)
-            .max()
-            .unwrap_or_default()
-            .to_string();
+        let first = claimed.iter().map(|e| e.id).min().unwrap_or_default().to_string();
+        let last = claimed.iter().map(|e| e.id).max().unwrap_or_default().to_string();
         let detail: Value = self
             .inner
             .pool
-            .xpending(
-                key.as_str(),
-                group,
-                (
-                    first,
-                    last,
-                    claimed.len() as u64 * 4 + 16,
-                    consumer.to_owned(),
-                ),
-            )
+            .xpending(key.as_str(), group, (first, last, claimed.len() as u64 * 4 + 16, consumer.to_owned()))
             .await
             .map_err(unavailable)?;
         let mut counts: HashMap<EventId, u64> = HashMap::new();
         if let Value::Array(rows) = detail {
             for row in rows {
-                if let Value::Array(cols) = row {
-                    if let (Some(id), Some(count)) = (
+                if let Value::Array(cols) = row
+                    && let (Some(id), Some(count)) = (
                         cols.first().and_then(text).and_then(|t| t.parse().ok()),
                         cols.get(3).and_then(integer),
-                    ) {
-                        counts.insert(id, count as u64);
-                    }
+                    )
+                {
+                    counts.insert(id, count as u64);
                 }
             }
         }
         Ok(claimed
             .into_iter()
-            .map(|event| Delivery {
-                deliveries: counts.get(&event.id).copied().unwrap_or(2),
-                event,
-            })
+            .map(|event| Delivery { deliveries: counts.get(&event.id).copied().unwrap_or(2), event })
             .collect())
     }
 
@@ -539,10 +452,7 @@ impl EventBus for RedisBus {
         let reply: Value = match self.inner.pool.xpending(self.key(stream), group, ()).await {
             Ok(reply) => reply,
             Err(e) if e.details().contains("NOGROUP") => {
-                return Err(BusError::NoGroup {
-                    stream: stream.to_owned(),
-                    group: group.to_owned(),
-                });
+                return Err(BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() });
             }
             Err(e) => return Err(unavailable(e)),
         };
@@ -551,12 +461,11 @@ impl EventBus for RedisBus {
             summary.count = parts.first().and_then(integer).unwrap_or(0) as u64;
             if let Some(Value::Array(consumers)) = parts.get(3) {
                 for pair in consumers {
-                    if let Value::Array(pair) = pair {
-                        if let (Some(name), Some(count)) =
+                    if let Value::Array(pair) = pair
+                        && let (Some(name), Some(count)) =
                             (pair.first().and_then(text), pair.get(1).and_then(integer))
-                        {
-                            summary.consumers.insert(name, count as u64);
-                        }
+                    {
+                        summary.consumers.insert(name, count as u64);
                     }
                 }
             }
@@ -594,10 +503,7 @@ impl Tail {
                 self.catching_up = true;
             }
             if self.catching_up {
-                let events = self
-                    .bus
-                    .read(&self.stream, Some(cursor), BATCH as usize)
-                    .await?;
+                let events = self.bus.read(&self.stream, Some(cursor), BATCH as usize).await?;
                 if events.len() < BATCH as usize {
                     self.catching_up = false;
                 }
@@ -651,13 +557,7 @@ impl Hub {
                     false
                 }
                 None => {
-                    keys.insert(
-                        key.to_owned(),
-                        Subscribers {
-                            cursor,
-                            senders: vec![tx],
-                        },
-                    );
+                    keys.insert(key.to_owned(), Subscribers { cursor, senders: vec![tx] });
                     true
                 }
             }
@@ -665,10 +565,7 @@ impl Hub {
         if is_new {
             self.wake.notify_one();
             // Interrupt a read that does not include this key yet.
-            let _ = self
-                .reader
-                .unblock_self(Some(ClientUnblockFlag::Timeout))
-                .await;
+            let _ = self.reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await;
         }
         rx
     }
@@ -676,13 +573,13 @@ impl Hub {
     async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            if !self.reader.is_connected() {
-                if let Err(error) = self.reader.init().await {
-                    tracing::warn!(%error, "event bus tail reader cannot connect; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
+            if !self.reader.is_connected()
+                && let Err(error) = self.reader.init().await
+            {
+                tracing::warn!(%error, "event bus tail reader cannot connect; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
             }
             let (keys, ids): (Vec<String>, Vec<String>) = {
                 let mut keys = lock(&self.keys);
@@ -690,9 +587,7 @@ impl Hub {
                     subs.senders.retain(|tx| !tx.is_closed());
                     !subs.senders.is_empty()
                 });
-                keys.iter()
-                    .map(|(k, s)| (k.clone(), s.cursor.to_string()))
-                    .unzip()
+                keys.iter().map(|(k, s)| (k.clone(), s.cursor.to_string())).unzip()
             };
             if keys.is_empty() {
                 self.wake.notified().await;
@@ -740,9 +635,7 @@ impl Hub {
                     }
                     subscribers.cursor = event.id;
                     // A full buffer means a slow reader: drop it; it catches up on its own.
-                    subscribers
-                        .senders
-                        .retain(|tx| tx.try_send(event.clone()).is_ok());
+                    subscribers.senders.retain(|tx| tx.try_send(event.clone()).is_ok());
                 }
             }
         }
@@ -844,9 +737,7 @@ fn parse_entries(reply: Value) -> Result<Vec<Event>> {
             return Err(bad_reply("entry shape"));
         }
         let fields = parts.pop().unwrap_or(Value::Null);
-        let id: EventId = text(&parts[0])
-            .ok_or_else(|| bad_reply("entry id"))?
-            .parse()?;
+        let id: EventId = text(&parts[0]).ok_or_else(|| bad_reply("entry id"))?.parse()?;
         let mut headers = BTreeMap::new();
         let mut payload = Bytes::new();
         if let Value::Array(fields) = fields {
@@ -860,11 +751,7 @@ fn parse_entries(reply: Value) -> Result<Vec<Event>> {
                 }
             }
         }
-        events.push(Event {
-            id,
-            headers,
-            payload,
-        });
+        events.push(Event { id, headers, payload });
     }
     Ok(events)
 }
@@ -877,10 +764,7 @@ fn parse_read_reply(reply: Value) -> Result<Vec<(String, Vec<Event>)>> {
         Value::Map(map) => {
             let mut out = Vec::new();
             for (key, entries) in map.inner() {
-                let key = key
-                    .as_str()
-                    .map(|k| k.to_string())
-                    .ok_or_else(|| bad_reply("stream key"))?;
+                let key = key.as_str().map(|k| k.to_string()).ok_or_else(|| bad_reply("stream key"))?;
                 out.push((key, parse_entries(entries)?));
             }
             return Ok(out);

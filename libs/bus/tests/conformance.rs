@@ -15,10 +15,7 @@ fn payload(i: usize) -> NewEvent {
 }
 
 fn numbers(events: &[Event]) -> Vec<usize> {
-    events
-        .iter()
-        .map(|e| e.headers["n"].parse().unwrap())
-        .collect()
+    events.iter().map(|e| e.headers["n"].parse().unwrap()).collect()
 }
 
 async fn append_n(bus: &SharedBus, stream: &str, range: std::ops::Range<usize>) -> Vec<EventId> {
@@ -51,29 +48,16 @@ async fn appends_keep_order_and_round_trip(env: TestEnv) {
     let binary: Vec<u8> = (0..=255u8).collect();
     let ids = append_n(&bus, "s", 0..5).await;
     let bin_id = bus
-        .append(
-            "s",
-            NewEvent::new(binary.clone())
-                .header("kind", "binary")
-                .header("traceparent", "x"),
-            None,
-        )
+        .append("s", NewEvent::new(binary.clone()).header("kind", "binary").header("traceparent", "x"), None)
         .await
         .unwrap();
-    assert!(
-        ids.windows(2).all(|w| w[0] < w[1]),
-        "ids strictly increase: {ids:?}"
-    );
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids strictly increase: {ids:?}");
     assert!(ids[4] < bin_id);
 
     let all = bus.read("s", None, 100).await.unwrap();
     assert_eq!(numbers(&all[..5]), [0, 1, 2, 3, 4]);
     assert_eq!(all[0].payload, "event-0".as_bytes());
-    assert_eq!(
-        all[5].payload.as_ref(),
-        binary.as_slice(),
-        "binary payloads survive"
-    );
+    assert_eq!(all[5].payload.as_ref(), binary.as_slice(), "binary payloads survive");
     assert_eq!(all[5].headers["kind"], "binary");
     assert_eq!(bus.len("s").await.unwrap(), 6);
     assert_eq!(bus.last_id("s").await.unwrap(), Some(bin_id));
@@ -114,11 +98,7 @@ async fn readers_resume_without_gaps_or_repeats(env: TestEnv) {
     writer.await.unwrap();
     let mut tail = bus.tail("s", Some(cursor)).await.unwrap();
     seen.extend(numbers(&take(&mut tail, 205 - seen.len()).await));
-    assert_eq!(
-        seen,
-        (5..210).collect::<Vec<_>>(),
-        "every event once, in order"
-    );
+    assert_eq!(seen, (5..210).collect::<Vec<_>>(), "every event once, in order");
 }
 
 async fn the_cap_holds_and_trimmed_history_is_reported(env: TestEnv) {
@@ -126,24 +106,14 @@ async fn the_cap_holds_and_trimmed_history_is_reported(env: TestEnv) {
     let mut ids = Vec::new();
     for i in 0..50 {
         ids.push(bus.append("capped", payload(i), Some(10)).await.unwrap());
-        assert!(
-            bus.len("capped").await.unwrap() <= 10,
-            "cap holds after every append"
-        );
+        assert!(bus.len("capped").await.unwrap() <= 10, "cap holds after every append");
     }
     assert_eq!(bus.len("capped").await.unwrap(), 10);
     let kept = bus.read("capped", None, 100).await.unwrap();
-    assert_eq!(
-        numbers(&kept),
-        (40..50).collect::<Vec<_>>(),
-        "the newest are kept"
-    );
+    assert_eq!(numbers(&kept), (40..50).collect::<Vec<_>>(), "the newest are kept");
 
     // Resuming inside the kept window works; resuming before it is an error, not a silent gap.
-    assert_eq!(
-        numbers(&bus.read("capped", Some(ids[39]), 100).await.unwrap()),
-        (40..50).collect::<Vec<_>>()
-    );
+    assert_eq!(numbers(&bus.read("capped", Some(ids[39]), 100).await.unwrap()), (40..50).collect::<Vec<_>>());
     match bus.read("capped", Some(ids[10]), 100).await {
         Err(BusError::Truncated { after, .. }) => assert_eq!(after, ids[10]),
         other => panic!("expected Truncated, got {other:?}"),
@@ -186,26 +156,16 @@ async fn many_concurrent_tails_each_get_their_stream(env: TestEnv) {
     let bus = env.bus();
     let mut readers = Vec::new();
     for s in 0..20 {
-        let mut tail = bus
-            .tail(&format!("multi-{s}"), Some(EventId::ZERO))
-            .await
-            .unwrap();
-        readers.push(tokio::spawn(
-            async move { numbers(&take(&mut tail, 25).await) },
-        ));
+        let mut tail = bus.tail(&format!("multi-{s}"), Some(EventId::ZERO)).await.unwrap();
+        readers.push(tokio::spawn(async move { numbers(&take(&mut tail, 25).await) }));
     }
     for i in 0..25 {
         for s in 0..20 {
-            bus.append(&format!("multi-{s}"), payload(s * 1000 + i), None)
-                .await
-                .unwrap();
+            bus.append(&format!("multi-{s}"), payload(s * 1000 + i), None).await.unwrap();
         }
     }
     for (s, reader) in readers.into_iter().enumerate() {
-        assert_eq!(
-            reader.await.unwrap(),
-            (0..25).map(|i| s * 1000 + i).collect::<Vec<_>>()
-        );
+        assert_eq!(reader.await.unwrap(), (0..25).map(|i| s * 1000 + i).collect::<Vec<_>>());
     }
 }
 
@@ -234,12 +194,8 @@ async fn a_slow_tail_loses_nothing(env: TestEnv) {
 
 async fn a_group_delivers_each_entry_to_one_consumer(env: TestEnv) {
     let bus = env.bus();
-    bus.create_group("jobs", "workers", GroupStart::Beginning)
-        .await
-        .unwrap();
-    bus.create_group("jobs", "workers", GroupStart::Beginning)
-        .await
-        .unwrap(); // idempotent
+    bus.create_group("jobs", "workers", GroupStart::Beginning).await.unwrap();
+    bus.create_group("jobs", "workers", GroupStart::Beginning).await.unwrap(); // idempotent
     append_n(&bus, "jobs", 0..200).await;
 
     let consume = |name: &'static str| {
@@ -247,20 +203,15 @@ async fn a_group_delivers_each_entry_to_one_consumer(env: TestEnv) {
         tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
-                let batch = bus
-                    .read_group("jobs", "workers", name, 7, Duration::from_millis(200))
-                    .await
-                    .unwrap();
+                let batch =
+                    bus.read_group("jobs", "workers", name, 7, Duration::from_millis(200)).await.unwrap();
                 if batch.is_empty() {
                     return got;
                 }
                 let ids: Vec<EventId> = batch.iter().map(|d| d.event.id).collect();
                 assert!(batch.iter().all(|d| d.deliveries == 1));
                 got.extend(batch.into_iter().map(|d| d.event));
-                assert_eq!(
-                    bus.ack("jobs", "workers", &ids).await.unwrap(),
-                    ids.len() as u64
-                );
+                assert_eq!(bus.ack("jobs", "workers", &ids).await.unwrap(), ids.len() as u64);
                 tokio::task::yield_now().await;
             }
         })
@@ -270,53 +221,25 @@ async fn a_group_delivers_each_entry_to_one_consumer(env: TestEnv) {
     let a: HashSet<usize> = numbers(&a).into_iter().collect();
     let b: HashSet<usize> = numbers(&b).into_iter().collect();
     assert!(a.is_disjoint(&b), "no entry reached both consumers");
-    assert_eq!(
-        a.union(&b).copied().collect::<HashSet<_>>(),
-        (0..200).collect(),
-        "every entry reached one"
-    );
-    assert_eq!(
-        bus.pending("jobs", "workers").await.unwrap().count,
-        0,
-        "all acknowledged"
-    );
+    assert_eq!(a.union(&b).copied().collect::<HashSet<_>>(), (0..200).collect(), "every entry reached one");
+    assert_eq!(bus.pending("jobs", "workers").await.unwrap().count, 0, "all acknowledged");
 }
 
 async fn groups_start_where_asked_and_must_exist(env: TestEnv) {
     let bus = env.bus();
     append_n(&bus, "g", 0..3).await;
-    bus.create_group("g", "new-only", GroupStart::End)
-        .await
-        .unwrap();
-    assert!(
-        bus.read_group("g", "new-only", "c", 10, Duration::ZERO)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    bus.create_group("g", "new-only", GroupStart::End).await.unwrap();
+    assert!(bus.read_group("g", "new-only", "c", 10, Duration::ZERO).await.unwrap().is_empty());
     append_n(&bus, "g", 3..4).await;
-    let got = bus
-        .read_group("g", "new-only", "c", 10, Duration::ZERO)
-        .await
-        .unwrap();
-    assert_eq!(
-        got.iter()
-            .map(|d| d.event.headers["n"].as_str())
-            .collect::<Vec<_>>(),
-        ["3"]
-    );
+    let got = bus.read_group("g", "new-only", "c", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.event.headers["n"].as_str()).collect::<Vec<_>>(), ["3"]);
 
-    match bus
-        .read_group("g", "missing", "c", 10, Duration::ZERO)
-        .await
-    {
+    match bus.read_group("g", "missing", "c", 10, Duration::ZERO).await {
         Err(BusError::NoGroup { group, .. }) => assert_eq!(group, "missing"),
         other => panic!("expected NoGroup, got {other:?}"),
     }
     // Creating a group creates its stream.
-    bus.create_group("fresh", "g", GroupStart::Beginning)
-        .await
-        .unwrap();
+    bus.create_group("fresh", "g", GroupStart::Beginning).await.unwrap();
     assert_eq!(bus.len("fresh").await.unwrap(), 0);
 }
 
@@ -324,45 +247,28 @@ async fn a_blocked_group_read_wakes_on_append_and_times_out_empty(env: TestEnv) 
     let bus = env.bus();
     bus.create_group("q", "w", GroupStart::End).await.unwrap();
     let started = std::time::Instant::now();
-    assert!(
-        bus.read_group("q", "w", "c", 1, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(bus.read_group("q", "w", "c", 1, Duration::from_millis(300)).await.unwrap().is_empty());
     assert!(started.elapsed() >= Duration::from_millis(250), "it waited");
 
     let reader = {
         let bus = bus.clone();
-        tokio::spawn(async move {
-            bus.read_group("q", "w", "c", 1, Duration::from_secs(20))
-                .await
-                .unwrap()
-        })
+        tokio::spawn(async move { bus.read_group("q", "w", "c", 1, Duration::from_secs(20)).await.unwrap() })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     bus.append("q", payload(1), None).await.unwrap();
-    let got = timeout(Duration::from_secs(5), reader)
-        .await
-        .expect("woken by the append")
-        .unwrap();
+    let got = timeout(Duration::from_secs(5), reader).await.expect("woken by the append").unwrap();
     assert_eq!(got.len(), 1);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 async fn entries_of_a_stopped_consumer_are_claimed_after_the_idle_time(env: TestEnv) {
     let bus = env.bus();
-    bus.create_group("work", "w", GroupStart::Beginning)
-        .await
-        .unwrap();
+    bus.create_group("work", "w", GroupStart::Beginning).await.unwrap();
     append_n(&bus, "work", 0..5).await;
 
     // Consumer "dead" takes three entries, acknowledges one, then stops.
-    let taken = bus
-        .read_group("work", "w", "dead", 3, Duration::ZERO)
-        .await
-        .unwrap();
+    let taken = bus.read_group("work", "w", "dead", 3, Duration::ZERO).await.unwrap();
     assert_eq!(taken.len(), 3);
     bus.ack("work", "w", &[taken[0].event.id]).await.unwrap();
     let pending = bus.pending("work", "w").await.unwrap();
@@ -371,27 +277,16 @@ async fn entries_of_a_stopped_consumer_are_claimed_after_the_idle_time(env: Test
 
     // Before the idle time nothing can be claimed.
     let idle = Duration::from_millis(400);
-    assert!(
-        bus.claim_idle("work", "w", "alive", idle, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(bus.claim_idle("work", "w", "alive", idle, 10).await.unwrap().is_empty());
 
     tokio::time::sleep(idle + Duration::from_millis(100)).await;
-    let claimed = bus
-        .claim_idle("work", "w", "alive", idle, 10)
-        .await
-        .unwrap();
+    let claimed = bus.claim_idle("work", "w", "alive", idle, 10).await.unwrap();
     assert_eq!(
         claimed.iter().map(|d| d.event.id).collect::<Vec<_>>(),
         [taken[1].event.id, taken[2].event.id],
         "exactly the unacknowledged entries"
     );
-    assert!(
-        claimed.iter().all(|d| d.deliveries == 2),
-        "deliveries are counted: {claimed:?}"
-    );
+    assert!(claimed.iter().all(|d| d.deliveries == 2), "deliveries are counted: {claimed:?}");
     assert_eq!(claimed[0].event.payload, taken[1].event.payload);
     let pending = bus.pending("work", "w").await.unwrap();
     assert_eq!(pending.consumers.get("alive"), Some(&2));
@@ -399,22 +294,10 @@ async fn entries_of_a_stopped_consumer_are_claimed_after_the_idle_time(env: Test
 
     // Claimed entries are not claimable again until they idle again, and new entries still
     // go to readers normally.
-    assert!(
-        bus.claim_idle("work", "w", "third", idle, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let rest = bus
-        .read_group("work", "w", "alive", 10, Duration::ZERO)
-        .await
-        .unwrap();
+    assert!(bus.claim_idle("work", "w", "third", idle, 10).await.unwrap().is_empty());
+    let rest = bus.read_group("work", "w", "alive", 10, Duration::ZERO).await.unwrap();
     assert_eq!(rest.len(), 2);
-    let ids: Vec<EventId> = claimed
-        .iter()
-        .chain(rest.iter())
-        .map(|d| d.event.id)
-        .collect();
+    let ids: Vec<EventId> = claimed.iter().chain(rest.iter()).map(|d| d.event.id).collect();
     assert_eq!(bus.ack("work", "w", &ids).await.unwrap(), 4);
     assert_eq!(bus.pending("work", "w").await.unwrap().count, 0);
 }

@@ -12,10 +12,8 @@ use tonic::{
 use crate::config::{ConfigError, Service, Settings};
 
 /// A channel whose calls carry the current trace context.
-pub type TracedChannel = InterceptedService<
-    Channel,
-    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
->;
+pub type TracedChannel =
+    InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>;
 
 /// A lazily connecting channel to `service` at its configured address.
 pub fn channel(settings: &Settings, service: Service) -> Result<TracedChannel, ConfigError> {
@@ -30,8 +28,5 @@ pub fn channel(settings: &Settings, service: Service) -> Result<TracedChannel, C
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_lazy();
-    Ok(InterceptedService::new(
-        channel,
-        crate::telemetry::inject_trace_interceptor as fn(_) -> _,
-    ))
+    Ok(InterceptedService::new(channel, crate::telemetry::inject_trace_interceptor as fn(_) -> _))
 }

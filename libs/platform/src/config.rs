@@ -39,22 +39,14 @@ pub const SEED_ENV: &[(&str, &str)] = &[
     ("REDIS_DB", "redis.db"),
     ("REDIS_PASSWORD", "redis.password"),
     ("SECRET_KEY", "auth.secret_key"),
-    (
-        "JWT_ACCESS_TOKEN_EXPIRE_MINUTES",
-        "auth.access_token_expire_minutes",
-    ),
+    ("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", "auth.access_token_expire_minutes"),
     ("OPENAI_API_KEY", "ai.openai_api_key"),
     ("ANTHROPIC_API_KEY", "ai.anthropic_api_key"),
 ];
 
 /// `CSP_*` variables that are not configuration keys: they belong to the CLI and the tests.
-const NON_CONFIG_CSP_VARS: &[&str] = &[
-    "config",
-    "admin_password",
-    "test_database_url",
-    "test_redis_url",
-    "require_external",
-];
+const NON_CONFIG_CSP_VARS: &[&str] =
+    &["config", "admin_password", "test_database_url", "test_redis_url", "require_external"];
 
 /// A configuration problem, with the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -133,10 +125,7 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Pretty,
-        }
+        Self { level: "info".into(), format: LogFormat::Pretty }
     }
 }
 
@@ -234,16 +223,9 @@ impl DatabaseSettings {
             if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
                 return Ok(DatabaseTarget::Postgres(url.clone()));
             }
-            if let Some(path) = raw
-                .strip_prefix("sqlite://")
-                .or_else(|| raw.strip_prefix("sqlite:"))
-            {
+            if let Some(path) = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")) {
                 let path = path.split('?').next().unwrap_or_default();
-                return Ok(DatabaseTarget::Sqlite(PathBuf::from(if path.is_empty() {
-                    "."
-                } else {
-                    path
-                })));
+                return Ok(DatabaseTarget::Sqlite(PathBuf::from(if path.is_empty() { "." } else { path })));
             }
             return Err(ConfigError::Invalid {
                 key: "database.url",
@@ -251,24 +233,17 @@ impl DatabaseSettings {
             });
         }
         if let Some(host) = &self.host {
-            let mut url =
-                url::Url::parse("postgres://localhost").map_err(|e| ConfigError::Invalid {
-                    key: "database.host",
-                    message: e.to_string(),
-                })?;
-            url.set_host(Some(host)).map_err(|e| ConfigError::Invalid {
-                key: "database.host",
-                message: e.to_string(),
-            })?;
+            let mut url = url::Url::parse("postgres://localhost")
+                .map_err(|e| ConfigError::Invalid { key: "database.host", message: e.to_string() })?;
+            url.set_host(Some(host))
+                .map_err(|e| ConfigError::Invalid { key: "database.host", message: e.to_string() })?;
             let _ = url.set_port(Some(self.port));
             let _ = url.set_username(&self.user);
             if let Some(password) = &self.password {
                 let _ = url.set_password(Some(password.expose_secret()));
             }
             url.set_path(&self.name);
-            return Ok(DatabaseTarget::Postgres(SecretString::from(
-                url.to_string(),
-            )));
+            return Ok(DatabaseTarget::Postgres(SecretString::from(url.to_string())));
         }
         Ok(DatabaseTarget::Sqlite(self.data_dir.clone()))
     }
@@ -329,10 +304,7 @@ impl RedisSettings {
             Some(p) => format!(":{}@", p.expose_secret()),
             None => String::new(),
         };
-        Ok(Some(SecretString::from(format!(
-            "redis://{auth}{host}:{}/{}",
-            self.port, self.db
-        ))))
+        Ok(Some(SecretString::from(format!("redis://{auth}{host}:{}/{}", self.port, self.db))))
     }
 }
 
@@ -385,10 +357,7 @@ pub struct ServiceEndpoint {
 
 impl ServiceEndpoint {
     fn on_port(port: u16) -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], port)),
-            address: format!("http://127.0.0.1:{port}"),
-        }
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], port)), address: format!("http://127.0.0.1:{port}") }
     }
 }
 
@@ -456,7 +425,9 @@ impl ServicesSettings {
 pub struct GatewaySettings {
     /// Address the gateway binds.
     pub listen: SocketAddr,
-    /// Origins browsers may call from, e.g. `http://localhost:5173`; `*` allows any.
+    /// Origins browsers may call from, e.g. `http://localhost:5173`; `*` allows any. From the
+    /// environment, a comma-separated list.
+    #[serde(deserialize_with = "string_or_list")]
     pub cors_origins: Vec<String>,
     /// Largest request message forwarded, in bytes; larger ones get RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
@@ -475,16 +446,29 @@ impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            cors_origins: vec![
-                "http://localhost:3000".into(),
-                "http://localhost:5173".into(),
-            ],
+            cors_origins: vec!["http://localhost:3000".into(), "http://localhost:5173".into()],
             max_message_bytes: 4 * 1024 * 1024,
             default_deadline: Duration::from_secs(30),
             max_deadline: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// A list, or (from an environment variable) a comma-separated string.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Either::deserialize(deserializer)? {
+        Either::List(list) => list,
+        Either::Text(text) => {
+            text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+        }
+    })
 }
 
 /// Feature flags. A disabled feature answers UNIMPLEMENTED with a message naming its flag.
@@ -501,11 +485,7 @@ pub struct FeatureFlags {
 
 impl Default for FeatureFlags {
     fn default() -> Self {
-        Self {
-            self_signup: false,
-            collaboration: true,
-            ai: true,
-        }
+        Self { self_signup: false, collaboration: true, ai: true }
     }
 }
 
@@ -521,10 +501,7 @@ pub struct AuthSettings {
 
 impl Default for AuthSettings {
     fn default() -> Self {
-        Self {
-            secret_key: None,
-            access_token_expire_minutes: 15,
-        }
+        Self { secret_key: None, access_token_expire_minutes: 15 }
     }
 }
 
@@ -557,14 +534,8 @@ pub enum Service {
 
 impl Service {
     /// Every service, in start-up order (dependencies first).
-    pub const ALL: [Service; 6] = [
-        Service::Auth,
-        Service::Registry,
-        Service::Design,
-        Service::Executor,
-        Service::Collab,
-        Service::Ai,
-    ];
+    pub const ALL: [Service; 6] =
+        [Service::Auth, Service::Registry, Service::Design, Service::Executor, Service::Collab, Service::Ai];
 
     /// Short name: the target name, the PostgreSQL schema and the SQLite file name.
     pub fn name(self) -> &'static str {
@@ -606,10 +577,7 @@ impl FromStr for Service {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Service::ALL
-            .into_iter()
-            .find(|svc| svc.name() == s)
-            .ok_or_else(|| format!("unknown service `{s}`"))
+        Service::ALL.into_iter().find(|svc| svc.name() == s).ok_or_else(|| format!("unknown service `{s}`"))
     }
 }
 
@@ -637,10 +605,7 @@ impl Settings {
         match config_file {
             Some(path) => {
                 if !path.is_file() {
-                    return Err(ConfigError::Load(format!(
-                        "config file {} does not exist",
-                        path.display()
-                    )));
+                    return Err(ConfigError::Load(format!("config file {} does not exist", path.display())));
                 }
                 figment = figment.merge(Yaml::file_exact(path));
             }
@@ -652,13 +617,10 @@ impl Settings {
             }
         }
 
-        figment = figment
-            .merge(EnvLayer::seed(env))
-            .merge(EnvLayer::prefixed(env));
+        figment = figment.merge(EnvLayer::seed(env)).merge(EnvLayer::prefixed(env));
 
-        let settings: Settings = figment
-            .extract_lossy()
-            .map_err(|e| ConfigError::Load(render_figment_error(e)))?;
+        let settings: Settings =
+            figment.extract_lossy().map_err(|e| ConfigError::Load(render_figment_error(e)))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -668,10 +630,7 @@ impl Settings {
         self.database.target()?;
         self.redis.resolved_url()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(ConfigError::Invalid {
-                key: "log.level",
-                message: e.to_string(),
-            });
+            return Err(ConfigError::Invalid { key: "log.level", message: e.to_string() });
         }
         if self.server.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid {
@@ -701,11 +660,7 @@ impl Settings {
         }
         for service in Service::ALL {
             let address = &self.services.get(service).address;
-            if address
-                .parse::<http::Uri>()
-                .map(|u| u.scheme().is_none())
-                .unwrap_or(true)
-            {
+            if address.parse::<http::Uri>().map(|u| u.scheme().is_none()).unwrap_or(true) {
                 return Err(ConfigError::Invalid {
                     key: service_address_key(service),
                     message: format!("`{address}` is not a URL like http://host:port"),
@@ -747,10 +702,7 @@ impl EnvLayer {
     /// The seed's unprefixed variables of [`SEED_ENV`].
     fn seed(env: &BTreeMap<String, String>) -> Self {
         Self::build("seed environment variable", env, |var| {
-            SEED_ENV
-                .iter()
-                .find(|(v, _)| *v == var)
-                .map(|(_, key)| (*key).to_owned())
+            SEED_ENV.iter().find(|(v, _)| *v == var).map(|(_, key)| (*key).to_owned())
         })
     }
 
@@ -776,11 +728,7 @@ impl EnvLayer {
             insert_path(&mut data, &key, figment::value::Value::from(raw.clone()));
             origins.insert(key, var.clone());
         }
-        Self {
-            name,
-            data,
-            origins,
-        }
+        Self { name, data, origins }
     }
 }
 
@@ -793,9 +741,7 @@ impl figment::Provider for EnvLayer {
         })
     }
 
-    fn data(
-        &self,
-    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         Ok(figment::Profile::Default.collect(self.data.clone()))
     }
 }
@@ -835,11 +781,7 @@ fn render_figment_error(error: figment::Error) -> String {
                 })
                 .unwrap_or_default();
             let kind = e.kind.to_string();
-            if key.is_empty() {
-                format!("{kind}{source}")
-            } else {
-                format!("{key}: {kind}{source}")
-            }
+            if key.is_empty() { format!("{kind}{source}") } else { format!("{key}: {kind}{source}") }
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -852,10 +794,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     fn load(dir: &Path, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -884,18 +823,20 @@ mod tests {
         .unwrap();
         let s = load(
             dir.path(),
-            &[
-                ("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", "30"),
-                ("CSP_GATEWAY__LISTEN", "127.0.0.1:9100"),
-            ],
+            &[("JWT_ACCESS_TOKEN_EXPIRE_MINUTES", "30"), ("CSP_GATEWAY__LISTEN", "127.0.0.1:9100")],
         )
         .unwrap();
         assert_eq!(s.log.level, "debug", "yaml beats defaults");
-        assert_eq!(
-            s.auth.access_token_expire_minutes, 30,
-            "seed env beats yaml"
-        );
+        assert_eq!(s.auth.access_token_expire_minutes, 30, "seed env beats yaml");
         assert_eq!(s.gateway.listen.port(), 9100, "CSP_ env beats yaml");
+    }
+
+    #[test]
+    fn lists_come_from_comma_separated_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(dir.path(), &[("CSP_GATEWAY__CORS_ORIGINS", "https://a.example, https://b.example")])
+            .unwrap();
+        assert_eq!(s.gateway.cors_origins, ["https://a.example", "https://b.example"]);
     }
 
     #[test]
@@ -910,41 +851,26 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected_with_their_path() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("development.yml"),
-            "database:\n  hots: db\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("development.yml"), "database:\n  hots: db\n").unwrap();
         let err = load(dir.path(), &[]).unwrap_err().to_string();
         assert!(err.contains("database"), "{err}");
         assert!(err.contains("hots"), "{err}");
-        let err = load(
-            tempfile::tempdir().unwrap().path(),
-            &[("CSP_GATEWAY__LISTN", "x")],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load(tempfile::tempdir().unwrap().path(), &[("CSP_GATEWAY__LISTN", "x")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listn"), "{err}");
     }
 
     #[test]
     fn a_bad_value_names_its_key() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load(dir.path(), &[("CSP_GATEWAY__LISTEN", "not-an-address")])
-            .unwrap_err()
-            .to_string();
+        let err = load(dir.path(), &[("CSP_GATEWAY__LISTEN", "not-an-address")]).unwrap_err().to_string();
         assert!(err.contains("gateway.listen"), "{err}");
-        let err = load(dir.path(), &[("DATABASE_URL", "mysql://x")])
-            .unwrap_err()
-            .to_string();
+        let err = load(dir.path(), &[("DATABASE_URL", "mysql://x")]).unwrap_err().to_string();
         assert!(err.contains("database.url"), "{err}");
-        let err = load(dir.path(), &[("DB_PORT", "seventy")])
-            .unwrap_err()
-            .to_string();
+        let err = load(dir.path(), &[("DB_PORT", "seventy")]).unwrap_err().to_string();
         assert!(err.contains("database.port"), "{err}");
-        let err = load(dir.path(), &[("LOG_LEVEL", "info,=[")])
-            .unwrap_err()
-            .to_string();
+        let err = load(dir.path(), &[("LOG_LEVEL", "info,=[")]).unwrap_err().to_string();
         assert!(err.contains("log.level"), "{err}");
     }
 
@@ -971,10 +897,7 @@ mod tests {
         .unwrap();
         match s.database.target().unwrap() {
             DatabaseTarget::Postgres(url) => {
-                assert_eq!(
-                    url.expose_secret(),
-                    "postgres://app:12345@db.internal:5432/designs"
-                )
+                assert_eq!(url.expose_secret(), "postgres://app:12345@db.internal:5432/designs")
             }
             other => panic!("expected postgres, got {other:?}"),
         }
@@ -985,15 +908,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = load(
             dir.path(),
-            &[
-                ("DATABASE_URL", "postgres://u:hunter2hunter2@h/db"),
-                ("OPENAI_API_KEY", "sk-live-abcdef"),
-            ],
+            &[("DATABASE_URL", "postgres://u:hunter2hunter2@h/db"), ("OPENAI_API_KEY", "sk-live-abcdef")],
         )
         .unwrap();
         let printed = format!("{s:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("sk-live"), "{printed}");
+    }
+
+    #[test]
+    fn the_documented_example_is_valid_and_matches_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/example.yml");
+        let s = Settings::load_from(Some(&example), Path::new("."), &BTreeMap::new()).unwrap();
+        let d = Settings::default();
+        assert_eq!(format!("{s:?}"), format!("{d:?}"), "config/example.yml documents the defaults");
     }
 
     #[test]

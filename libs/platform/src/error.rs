@@ -26,10 +26,7 @@ pub struct FieldViolation {
 impl FieldViolation {
     /// A violation of `field`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
+        Self { field: field.into(), description: description.into() }
     }
 }
 
@@ -58,10 +55,7 @@ impl Violations {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(ApiError::InvalidArgument {
-                message: message.to_owned(),
-                violations: self.0,
-            })
+            Err(ApiError::InvalidArgument { message: message.to_owned(), violations: self.0 })
         }
     }
 }
@@ -190,34 +184,22 @@ impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         let code = error.code();
         match error {
-            ApiError::InvalidArgument {
-                message,
-                violations,
-            } => {
+            ApiError::InvalidArgument { message, violations } => {
                 let mut details = ErrorDetails::new();
                 for v in violations {
                     details.add_bad_request_violation(v.field, v.description);
                 }
                 Status::with_error_details(code, message, details)
             }
-            ApiError::FailedPrecondition {
-                message,
-                reason,
-                metadata,
-            } => {
+            ApiError::FailedPrecondition { message, reason, metadata } => {
                 let details = ErrorDetails::with_error_info(
                     reason,
                     ERROR_DOMAIN,
-                    metadata
-                        .into_iter()
-                        .collect::<std::collections::HashMap<_, _>>(),
+                    metadata.into_iter().collect::<std::collections::HashMap<_, _>>(),
                 );
                 Status::with_error_details(code, message, details)
             }
-            ApiError::ResourceExhausted {
-                message,
-                retry_after,
-            } => {
+            ApiError::ResourceExhausted { message, retry_after } => {
                 let details = ErrorDetails::with_retry_info(retry_after);
                 let mut status = Status::with_error_details(code, message, details);
                 if let Some(after) = retry_after {
@@ -255,11 +237,7 @@ mod tests {
         let status: Status = v.into_result("invalid registration").unwrap_err().into();
         assert_eq!(status.code(), Code::InvalidArgument);
         let bad = status.get_details_bad_request().unwrap();
-        let fields: Vec<_> = bad
-            .field_violations
-            .iter()
-            .map(|f| f.field.as_str())
-            .collect();
+        let fields: Vec<_> = bad.field_violations.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(fields, ["username", "password"]);
     }
 
@@ -286,10 +264,7 @@ mod tests {
         .into();
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "STALE_REVISION");
-        assert_eq!(
-            info.metadata.get("current_revision").map(String::as_str),
-            Some("7")
-        );
+        assert_eq!(info.metadata.get("current_revision").map(String::as_str), Some("7"));
     }
 
     #[test]
@@ -304,10 +279,6 @@ mod tests {
     fn disabled_features_name_their_flag() {
         let status: Status = ApiError::feature_disabled("self_signup").into();
         assert_eq!(status.code(), Code::Unimplemented);
-        assert!(
-            status.message().contains("features.self_signup"),
-            "{}",
-            status.message()
-        );
+        assert!(status.message().contains("features.self_signup"), "{}", status.message());
     }
 }

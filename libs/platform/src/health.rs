@@ -49,9 +49,7 @@ pub struct Dependencies {
 
 impl std::fmt::Debug for Dependencies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dependencies")
-            .field("state", &self.snapshot())
-            .finish()
+        f.debug_struct("Dependencies").field("state", &self.snapshot()).finish()
     }
 }
 
@@ -101,8 +99,11 @@ impl Dependencies {
                     }
                 }
             }
-            metrics::gauge!("csp_dependency_up", "server" => server, "dependency" => name)
-                .set(if up { 1.0 } else { 0.0 });
+            metrics::gauge!("csp_dependency_up", "server" => server, "dependency" => name).set(if up {
+                1.0
+            } else {
+                0.0
+            });
             state.insert(
                 name,
                 DependencyState {
@@ -110,7 +111,7 @@ impl Dependencies {
                     detail: match result {
                         Ok(d) | Err(d) => d,
                     },
-                    latency_ms: elapsed.as_secs_f64() * 1000.0,
+                    latency_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
                 },
             );
         }
@@ -150,6 +151,8 @@ struct HealthInner {
     /// Services whose status is set by the owner (the gateway mirrors its upstreams).
     mirrored: Mutex<BTreeMap<String, ServingStatus>>,
     dependencies: Mutex<Dependencies>,
+    /// The last status published per name: Watch streams hear only changes.
+    published: Mutex<BTreeMap<String, ServingStatus>>,
     draining: AtomicBool,
 }
 
@@ -163,11 +166,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ServerHealth {
     /// Health of `server`, reported through `reporter`.
     pub fn new(server: &'static str, reporter: HealthReporter) -> Self {
-        Self {
-            server,
-            reporter,
-            inner: Arc::new(HealthInner::default()),
-        }
+        Self { server, reporter, inner: Arc::new(HealthInner::default()) }
     }
 
     /// The reporter behind `grpc.health.v1` of this server.
@@ -189,12 +188,17 @@ impl ServerHealth {
     /// gateway mirrors its upstreams). While draining, everything is NOT_SERVING.
     pub async fn set_mirrored(&self, service: &str, status: ServingStatus) {
         lock(&self.inner.mirrored).insert(service.to_owned(), status);
-        let status = if self.is_draining() {
-            ServingStatus::NotServing
-        } else {
-            status
-        };
-        self.reporter.set_service_status(service, status).await;
+        let status = if self.is_draining() { ServingStatus::NotServing } else { status };
+        self.publish(service, status).await;
+    }
+
+    /// Publishes a status if it differs from the last one published for that name, so Watch
+    /// streams hear only changes.
+    async fn publish(&self, service: &str, status: ServingStatus) {
+        let changed = lock(&self.inner.published).insert(service.to_owned(), status) != Some(status);
+        if changed {
+            self.reporter.set_service_status(service, status).await;
+        }
     }
 
     /// Whether the server is shutting down.
@@ -211,15 +215,12 @@ impl ServerHealth {
     pub async fn refresh(&self) -> bool {
         let dependencies = lock(&self.inner.dependencies).clone();
         let up = dependencies.check_all(self.server).await;
-        let status = if up && !self.is_draining() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        self.reporter.set_service_status("", status).await;
+        let status =
+            if up && !self.is_draining() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        self.publish("", status).await;
         let services: Vec<String> = lock(&self.inner.services).iter().cloned().collect();
         for service in services {
-            self.reporter.set_service_status(&service, status).await;
+            self.publish(&service, status).await;
         }
         up
     }
@@ -229,13 +230,9 @@ impl ServerHealth {
         self.inner.draining.store(true, Ordering::SeqCst);
         let mut names: Vec<String> = lock(&self.inner.services).iter().cloned().collect();
         names.extend(lock(&self.inner.mirrored).keys().cloned());
-        self.reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        self.publish("", ServingStatus::NotServing).await;
         for service in names {
-            self.reporter
-                .set_service_status(&service, ServingStatus::NotServing)
-                .await;
+            self.publish(&service, ServingStatus::NotServing).await;
         }
     }
 

@@ -36,11 +36,7 @@ impl<S> Layer<S> for HttpEndpointsLayer {
     type Service = HttpEndpoints<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HttpEndpoints {
-            inner,
-            report: self.report.clone(),
-            metrics: self.metrics,
-        }
+        HttpEndpoints { inner, report: self.report.clone(), metrics: self.metrics }
     }
 }
 
@@ -72,19 +68,13 @@ where
                 let report = self.report.clone();
                 Box::pin(async move {
                     let (healthy, body) = report.report().await;
-                    let status = if healthy {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
+                    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
                     let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
                     text.push(b'\n');
                     Ok(plain(status, "application/json", text))
                 })
             }
-            (true, "/livez") => {
-                Box::pin(async { Ok(plain(StatusCode::OK, "text/plain", b"ok\n".to_vec())) })
-            }
+            (true, "/livez") => Box::pin(async { Ok(plain(StatusCode::OK, "text/plain", b"ok\n".to_vec())) }),
             (true, "/metrics") if self.metrics => Box::pin(async {
                 Ok(plain(
                     StatusCode::OK,
@@ -100,13 +90,7 @@ where
 fn plain(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
     let mut response = Response::new(Body::new(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     response
 }

@@ -33,8 +33,8 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
 ];
 
 /// Installs the process-wide Prometheus recorder (once; later calls are no-ops) and describes
@@ -49,14 +49,12 @@ pub fn install() -> bool {
                 .ok()?;
             // Histograms keep raw samples until upkeep folds them into buckets.
             let upkeep = handle.clone();
-            let _ = std::thread::Builder::new()
-                .name("metrics-upkeep".into())
-                .spawn(move || {
-                    loop {
-                        std::thread::sleep(Duration::from_secs(5));
-                        upkeep.run_upkeep();
-                    }
-                });
+            let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
             describe();
             Some(handle)
         })
@@ -73,10 +71,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time from request to the end of the response, by server, service and method"
     );
-    metrics::describe_gauge!(
-        "csp_grpc_requests_in_flight",
-        "gRPC calls being handled, by server"
-    );
+    metrics::describe_gauge!("csp_grpc_requests_in_flight", "gRPC calls being handled, by server");
     metrics::describe_gauge!(
         "csp_dependency_up",
         "Whether a dependency (database, redis, upstream) answered its last health check"
@@ -108,12 +103,7 @@ fn known_paths() -> &'static HashSet<String> {
             for file in fds.file {
                 for service in &file.service {
                     for method in &service.method {
-                        paths.insert(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
+                        paths.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
                     }
                 }
             }
@@ -182,10 +172,7 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe {
-            inner,
-            server: self.server,
-        }
+        Observe { inner, server: self.server }
     }
 }
 
@@ -235,7 +222,9 @@ where
         );
         set_parent_from(&span, &HeaderExtractor(request.headers()));
         let call = CallRecord::start(self.server, service, method, span.clone());
-        let future = self.inner.call(request).instrument(span);
+        // Enter the span for the synchronous part of `call` too: a forwarding service reads
+        // the current trace context there.
+        let future = span.in_scope(|| self.inner.call(request)).instrument(span);
         Box::pin(async move {
             let response = future.await?;
             let (parts, body) = response.into_parts();
@@ -244,13 +233,7 @@ where
                 call.finish(code);
                 return Ok(Response::from_parts(parts, Body::new(body)));
             }
-            Ok(Response::from_parts(
-                parts,
-                Body::new(ObservedBody {
-                    inner: body,
-                    call: Some(call),
-                }),
-            ))
+            Ok(Response::from_parts(parts, Body::new(ObservedBody { inner: body, call: Some(call) })))
         })
     }
 }
@@ -266,21 +249,9 @@ struct CallRecord {
 }
 
 impl CallRecord {
-    fn start(
-        server: &'static str,
-        service: &'static str,
-        method: &'static str,
-        span: tracing::Span,
-    ) -> Self {
+    fn start(server: &'static str, service: &'static str, method: &'static str, span: tracing::Span) -> Self {
         metrics::gauge!("csp_grpc_requests_in_flight", "server" => server).increment(1.0);
-        Self {
-            server,
-            service,
-            method,
-            started: Instant::now(),
-            span,
-            done: false,
-        }
+        Self { server, service, method, started: Instant::now(), span, done: false }
     }
 
     fn finish(mut self, code: Code) {
@@ -349,10 +320,10 @@ where
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
-                if let Some(trailers) = f.trailers_ref() {
-                    if let Some(call) = this.call.take() {
-                        call.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
-                    }
+                if let Some(trailers) = f.trailers_ref()
+                    && let Some(call) = this.call.take()
+                {
+                    call.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
                 }
             }
             Some(Err(_)) => {
@@ -384,21 +355,9 @@ mod tests {
 
     #[test]
     fn known_rpcs_are_labelled_and_the_rest_is_unknown() {
-        assert_eq!(
-            rpc_labels("/csp.auth.v1.AuthService/Login"),
-            ("csp.auth.v1.AuthService", "Login")
-        );
-        assert_eq!(
-            rpc_labels("/grpc.health.v1.Health/Check"),
-            ("grpc.health.v1.Health", "Check")
-        );
-        assert_eq!(
-            rpc_labels("/csp.auth.v1.AuthService/Nope"),
-            ("unknown", "unknown")
-        );
-        assert_eq!(
-            rpc_labels("/evil/x".repeat(10).as_str()),
-            ("unknown", "unknown")
-        );
+        assert_eq!(rpc_labels("/csp.auth.v1.AuthService/Login"), ("csp.auth.v1.AuthService", "Login"));
+        assert_eq!(rpc_labels("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health", "Check"));
+        assert_eq!(rpc_labels("/csp.auth.v1.AuthService/Nope"), ("unknown", "unknown"));
+        assert_eq!(rpc_labels("/evil/x".repeat(10).as_str()), ("unknown", "unknown"));
     }
 }

@@ -5,18 +5,37 @@
 //! with the suite's common stack:
 //!
 //! ```text
-//! ObserveLayer          server span from `traceparent`, csp_grpc_* metrics
-//!  └ HttpEndpoints      GET /health (JSON), GET /metrics (Prometheus)
-//!     └ concurrency     at most `server.concurrency_limit` calls at once
-//!        └ timeout      `server.request_timeout` unless the client sent `grpc-timeout`
-//!           └ routes    the services, grpc.health.v1, reflection v1 + v1alpha
+//! HttpEndpoints               GET /health (JSON), GET /metrics (Prometheus)
+//!  └ edge                     (the gateway: CORS, grpc-web)
+//!     └ ObserveLayer          server span from `traceparent`, csp_grpc_* metrics
+//!        └ concurrency        at most `server.concurrency_limit` calls at once
+//!           └ routes          the services, grpc.health.v1, reflection v1 + v1alpha
 //! ```
+//!
+//! Every call also gets `server.request_timeout` as its deadline unless the client sent a
+//! `grpc-timeout` (for streams the deadline covers the response headers, not the stream).
 //!
 //! Shutdown: when the shutdown future completes the server reports NOT_SERVING, waits
 //! `server.shutdown_delay` (so load balancers stop routing to it), stops accepting, and gives
 //! in-flight calls `server.drain_timeout` to finish.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
 
 use http::{Request, Response};
 use tokio::net::TcpListener;
@@ -26,9 +45,7 @@ use tonic::{
     service::{Routes, RoutesBuilder},
     transport::server::TcpIncoming,
 };
-use tower::{
-    Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, util::BoxCloneSyncService,
-};
+use tower::{Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, util::BoxCloneSyncService};
 
 use crate::{
     config::{ServerSettings, Settings},
@@ -45,7 +62,7 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr} for {server}: {source}")]
+    #[error("cannot listen on {addr} for {server}")]
     Bind {
         /// The server that tried.
         server: &'static str,
@@ -55,7 +72,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The server failed while running.
-    #[error("{server} server failed: {source}")]
+    #[error("{server} server failed")]
     Serve {
         /// The server.
         server: &'static str,
@@ -69,13 +86,7 @@ pub enum ServerError {
 
 /// Binds a TCP listener, naming the server and address in the error.
 pub async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            server,
-            addr,
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { server, addr, source })
 }
 
 /// A gRPC server being assembled. See the module docs.
@@ -94,11 +105,7 @@ pub struct GrpcServer {
 
 impl GrpcServer {
     /// A server named `name` (a metrics label and log field) on an already bound listener.
-    pub fn new(
-        name: &'static str,
-        listener: TcpListener,
-        settings: &Settings,
-    ) -> Result<Self, ServerError> {
+    pub fn new(name: &'static str, listener: TcpListener, settings: &Settings) -> Result<Self, ServerError> {
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
             server: name,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -167,15 +174,17 @@ impl GrpcServer {
 
     /// Serves until `shutdown` completes, then drains. See the module docs.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        self.serve_with(|routes| BoxCloneSyncService::new(routes), shutdown)
-            .await
+        self.serve_with(BoxCloneSyncService::new, |service| service, shutdown).await
     }
 
-    /// Like [`serve`](Self::serve), with the routes wrapped by `wrap` inside the common
-    /// stack (the gateway puts CORS, grpc-web and its forwarder there).
+    /// Like [`serve`](Self::serve), with two hooks for an edge server (the gateway):
+    /// `routes_service` turns the local routes into the innermost service (adding a
+    /// forwarder), and `edge` wraps everything below `GET /health` and `/metrics` (CORS,
+    /// grpc-web), so calls are observed after grpc-web is decoded.
     pub async fn serve_with(
         self,
-        wrap: impl FnOnce(Routes) -> HttpService,
+        routes_service: impl FnOnce(Routes) -> HttpService,
+        edge: impl FnOnce(HttpService) -> HttpService,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
         let GrpcServer {
@@ -198,18 +207,27 @@ impl GrpcServer {
         routes.add_service(tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.reporter().clone()),
         ));
-        let inner = wrap(routes.routes().prepare());
+        let inner = routes_service(routes.routes().prepare());
 
         let report: Arc<dyn HealthReport> = report.unwrap_or_else(|| Arc::new(health.clone()));
-        let service = ServiceBuilder::new()
-            .layer(ObserveLayer::new(name))
-            .layer(HttpEndpointsLayer::new(report, metrics))
-            .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
-            .service(inner);
+        let observed = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(ObserveLayer::new(name))
+                .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
+                .service(inner),
+        );
+        let service =
+            ServiceBuilder::new().layer(HttpEndpointsLayer::new(report, metrics)).service(edge(observed));
 
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
+        // Connections that outlive the drain timeout are closed through `kill`.
+        let kill = CancellationToken::new();
+        let incoming = {
+            let kill = kill.clone();
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60)))
+                .map(move |accepted| accepted.map(|stream| Killable::new(stream, kill.clone())))
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -246,10 +264,70 @@ impl GrpcServer {
                     drain_timeout_s = settings.drain_timeout.as_secs_f64(),
                     "calls still running after the drain timeout; closing their connections"
                 );
-                running.abort();
+                kill.cancel();
+                if tokio::time::timeout(Duration::from_secs(1), &mut running).await.is_err() {
+                    running.abort();
+                }
                 Ok(())
             }
         }
+    }
+}
+
+/// An accepted connection that fails (waking its task) once `killed` fires, so a server can
+/// close connections whose calls outlive the drain timeout.
+struct Killable {
+    stream: TcpStream,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Killable {
+    fn new(stream: TcpStream, kill: CancellationToken) -> Self {
+        Self { stream, killed: Box::pin(kill.cancelled_owned()) }
+    }
+}
+
+fn aborted() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "server shut down")
+}
+
+impl AsyncRead for Killable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.killed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Killable {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.killed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Killable {
+    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
     }
 }
 
@@ -266,19 +344,14 @@ fn flatten(
 
 /// Adds reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha) over the whole descriptor
 /// set, advertising `services` plus health and reflection themselves.
-fn add_reflection(
-    routes: &mut RoutesBuilder,
-    services: &[&'static str],
-) -> Result<(), ServerError> {
+fn add_reflection(routes: &mut RoutesBuilder, services: &[&'static str]) -> Result<(), ServerError> {
     let builder = || {
         let mut builder = tonic_reflection::server::Builder::configure()
             .include_reflection_service(false)
             .register_encoded_file_descriptor_set(csp_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            )
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");
@@ -287,15 +360,7 @@ fn add_reflection(
         }
         builder
     };
-    routes.add_service(
-        builder()
-            .build_v1()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?,
-    );
-    routes.add_service(
-        builder()
-            .build_v1alpha()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?,
-    );
+    routes.add_service(builder().build_v1().map_err(|e| ServerError::Reflection(e.to_string()))?);
+    routes.add_service(builder().build_v1alpha().map_err(|e| ServerError::Reflection(e.to_string()))?);
     Ok(())
 }

@@ -34,10 +34,10 @@ pub struct TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            if let Err(error) = provider.shutdown() {
-                tracing::warn!(%error, "could not flush spans at shutdown");
-            }
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "could not flush spans at shutdown");
         }
     }
 }
@@ -55,11 +55,7 @@ pub fn init(settings: &Settings, service_name: &str) -> Result<TelemetryGuard, S
 
     let mut builder = SdkTracerProvider::builder()
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
-        .with_resource(
-            Resource::builder()
-                .with_service_name(service_name.to_owned())
-                .build(),
-        );
+        .with_resource(Resource::builder().with_service_name(service_name.to_owned()).build());
     if let Some(endpoint) = &settings.telemetry.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -72,7 +68,11 @@ pub fn init(settings: &Settings, service_name: &str) -> Result<TelemetryGuard, S
     let tracer = provider.tracer("csp");
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Log verbosity must not decide what is traced: the OpenTelemetry layer has its own filter,
+    // so trace context keeps flowing across hops even with LOG_LEVEL=warn.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(EnvFilter::new("info,sqlx=warn,h2=warn,hyper=warn,tower=warn"));
     let fmt_layer = match settings.log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -80,22 +80,17 @@ pub fn init(settings: &Settings, service_name: &str) -> Result<TelemetryGuard, S
             .with_span_list(false)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer()
-            .compact()
-            .with_target(false)
-            .with_writer(std::io::stderr)
-            .boxed(),
+        LogFormat::Pretty => {
+            tracing_subscriber::fmt::layer().compact().with_target(false).with_writer(std::io::stderr).boxed()
+        }
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
+        .with(fmt_layer.with_filter(filter))
         .with(otel_layer)
         .try_init()
         .map_err(|e| format!("could not install the log subscriber: {e}"))?;
 
-    Ok(TelemetryGuard {
-        provider: Some(provider),
-    })
+    Ok(TelemetryGuard { provider: Some(provider) })
 }
 
 /// Writes the current span's trace context into a carrier (`traceparent`, `tracestate`).
@@ -131,9 +126,7 @@ pub fn current_trace_id() -> Option<String> {
     let context = tracing::Span::current().context();
     let span = context.span();
     let span_context = span.span_context();
-    span_context
-        .is_valid()
-        .then(|| span_context.trace_id().to_string())
+    span_context.is_valid().then(|| span_context.trace_id().to_string())
 }
 
 /// Adapts an `http::HeaderMap` (and so tonic metadata) as a propagation carrier.
@@ -141,10 +134,9 @@ pub struct HeaderCarrier<'a>(pub &'a mut http::HeaderMap);
 
 impl Injector for HeaderCarrier<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
             self.0.insert(name, value);
         }
     }
@@ -217,21 +209,12 @@ mod tests {
             set_parent_from(&span, &HeaderExtractor(&incoming));
             let _entered = span.enter();
 
-            assert_eq!(
-                current_trace_id().as_deref(),
-                Some("4bf92f3577b34da6a3ce929d0e0e4736")
-            );
+            assert_eq!(current_trace_id().as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
             let mut outgoing = http::HeaderMap::new();
             inject_context(&mut HeaderCarrier(&mut outgoing));
             let sent = outgoing.get("traceparent").unwrap().to_str().unwrap();
-            assert!(
-                sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
-                "{sent}"
-            );
-            assert!(
-                !sent.contains("00f067aa0ba902b7"),
-                "a child span id is sent, not the parent's"
-            );
+            assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{sent}");
+            assert!(!sent.contains("00f067aa0ba902b7"), "a child span id is sent, not the parent's");
         });
     }
 

@@ -85,8 +85,8 @@ mod tests {
 
     #[test]
     fn descriptor_set_declares_every_service_name() {
-        let fds = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET)
-            .expect("descriptor set decodes");
+        let fds =
+            prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).expect("descriptor set decodes");
         let declared: Vec<String> = fds
             .file
             .iter()
@@ -96,16 +96,9 @@ mod tests {
             })
             .collect();
         for name in SERVICE_NAMES {
-            assert!(
-                declared.iter().any(|d| d == name),
-                "{name} missing from {declared:?}"
-            );
+            assert!(declared.iter().any(|d| d == name), "{name} missing from {declared:?}");
         }
-        assert!(
-            declared
-                .iter()
-                .any(|d| d == "csp.component.v1.ComponentRuntime")
-        );
+        assert!(declared.iter().any(|d| d == "csp.component.v1.ComponentRuntime"));
     }
 
     #[test]

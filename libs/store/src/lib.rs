@@ -13,9 +13,7 @@ use csp_platform::{
     config::{ConfigError, DatabaseTarget},
     health::Probe,
 };
-use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
-};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
 use sea_orm_migration::MigratorTrait;
 use secrecy::ExposeSecret;
 
@@ -39,7 +37,7 @@ pub enum StoreError {
         reason: String,
     },
     /// The SQLite folder could not be created.
-    #[error("cannot create the data folder {path}: {source}")]
+    #[error("cannot create the data folder {path}")]
     DataDir {
         /// The folder.
         path: String,
@@ -47,7 +45,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// Migrations failed.
-    #[error("migrations of {service} failed: {source}")]
+    #[error("migrations of {service} failed")]
     Migrate {
         /// The service.
         service: Service,
@@ -93,10 +91,7 @@ impl Db {
     pub async fn migrate<M: MigratorTrait>(&self) -> Result<(), StoreError> {
         M::up(&self.conn, None)
             .await
-            .map_err(|source| StoreError::Migrate {
-                service: self.service,
-                source,
-            })?;
+            .map_err(|source| StoreError::Migrate { service: self.service, source })?;
         tracing::info!(service = %self.service, location = %self.location, "migrations applied");
         Ok(())
     }
@@ -107,6 +102,16 @@ impl Db {
     }
 }
 
+/// Connects `service` to its database and, when `database.run_migrations` is on, applies the
+/// pending migrations of `M`.
+pub async fn open<M: MigratorTrait>(settings: &Settings, service: Service) -> Result<Db, StoreError> {
+    let db = connect(settings, service).await?;
+    if settings.database.run_migrations {
+        db.migrate::<M>().await?;
+    }
+    Ok(db)
+}
+
 /// Connects `service` to its database, creating its schema (PostgreSQL) or file (SQLite).
 pub async fn connect(settings: &Settings, service: Service) -> Result<Db, StoreError> {
     let db = &settings.database;
@@ -114,16 +119,12 @@ pub async fn connect(settings: &Settings, service: Service) -> Result<Db, StoreE
         DatabaseTarget::Postgres(url) => {
             let location = redact(url.expose_secret());
             let mut options = ConnectOptions::new(url.expose_secret().to_owned());
-            options
-                .set_schema_search_path(service.name())
-                .set_application_name(format!("csp-{service}"));
+            options.set_schema_search_path(service.name()).set_application_name(format!("csp-{service}"));
             (options, location, Some(service.name()))
         }
         DatabaseTarget::Sqlite(dir) => {
-            std::fs::create_dir_all(&dir).map_err(|source| StoreError::DataDir {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| StoreError::DataDir { path: dir.display().to_string(), source })?;
             let path = dir.join(format!("{}.db", service.name()));
             let location = path.display().to_string();
             let mut options = ConnectOptions::new(format!("sqlite://{}?mode=rwc", path.display()));
@@ -143,28 +144,27 @@ pub async fn connect(settings: &Settings, service: Service) -> Result<Db, StoreE
         .acquire_timeout(db.connect_timeout)
         .sqlx_logging(false);
 
-    let conn = Database::connect(options)
-        .await
-        .map_err(|e| StoreError::Connect {
+    let conn = match Database::connect(options).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            // sqlx retries until its timeout and then says only that; a direct TCP attempt
+            // names the real cause (refused, unknown host, ...).
+            let reason = match schema.map(|_| tcp_reason(&location)) {
+                Some(fut) => fut.await.unwrap_or_else(|| connect_reason(&e)),
+                None => connect_reason(&e),
+            };
+            return Err(StoreError::Connect { service, location: location.clone(), reason });
+        }
+    };
+    if let Some(schema) = schema {
+        create_schema(&conn, schema).await.map_err(|e| StoreError::Connect {
             service,
             location: location.clone(),
             reason: connect_reason(&e),
         })?;
-    if let Some(schema) = schema {
-        create_schema(&conn, schema)
-            .await
-            .map_err(|e| StoreError::Connect {
-                service,
-                location: location.clone(),
-                reason: connect_reason(&e),
-            })?;
     }
     tracing::debug!(%service, %location, "database connected");
-    Ok(Db {
-        conn,
-        service,
-        location,
-    })
+    Ok(Db { conn, service, location })
 }
 
 async fn create_schema(conn: &DatabaseConnection, schema: &str) -> Result<(), DbErr> {
@@ -172,10 +172,7 @@ async fn create_schema(conn: &DatabaseConnection, schema: &str) -> Result<(), Db
     // Two replicas creating the schema at once can collide on the catalogue; the second try
     // sees it exists.
     for attempt in 0..3 {
-        match conn
-            .execute_raw(Statement::from_string(DbBackend::Postgres, sql.clone()))
-            .await
-        {
+        match conn.execute_raw(Statement::from_string(DbBackend::Postgres, sql.clone())).await {
             Ok(_) => return Ok(()),
             Err(e) if attempt < 2 => {
                 tracing::debug!(error = %e, "retrying schema creation");
@@ -185,6 +182,20 @@ async fn create_schema(conn: &DatabaseConnection, schema: &str) -> Result<(), Db
         }
     }
     Ok(())
+}
+
+/// Why a TCP connection to the URL's host fails, if it does.
+async fn tcp_reason(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.to_owned();
+    let port = parsed.port().unwrap_or(5432);
+    match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((host.as_str(), port)))
+        .await
+    {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string().to_ascii_lowercase()),
+        Err(_) => Some(format!("no answer from {host}:{port}")),
+    }
 }
 
 /// The innermost useful message of a connection error, without the URL.
@@ -229,10 +240,7 @@ mod tests {
 
     #[test]
     fn redaction_removes_passwords() {
-        assert_eq!(
-            redact("postgres://app:hunter2@db:5432/csp"),
-            "postgres://app@db:5432/csp"
-        );
+        assert_eq!(redact("postgres://app:hunter2@db:5432/csp"), "postgres://app@db:5432/csp");
         assert!(!redact("not a url with hunter2").contains("hunter2"));
     }
 
@@ -252,14 +260,9 @@ mod tests {
         let mut settings = Settings::default();
         settings.database.url = Some("postgres://app:hunter2@127.0.0.1:1/csp".to_owned().into());
         settings.database.connect_timeout = Duration::from_secs(2);
-        let err = connect(&settings, Service::Auth)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = connect(&settings, Service::Auth).await.unwrap_err().to_string();
         assert!(
-            err.starts_with(
-                "cannot connect to the database for auth (postgres://app@127.0.0.1:1/csp)"
-            ),
+            err.starts_with("cannot connect to the database for auth (postgres://app@127.0.0.1:1/csp)"),
             "{err}"
         );
         assert!(!err.contains("hunter2"), "{err}");

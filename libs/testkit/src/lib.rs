@@ -87,10 +87,9 @@ impl TestEnv {
 
     /// An external environment, or `None` when the URLs are not set (and not required).
     pub async fn external() -> Option<TestEnv> {
-        let (Some(database_url), Some(redis_url)) = (
-            external_url("CSP_TEST_DATABASE_URL"),
-            external_url("CSP_TEST_REDIS_URL"),
-        ) else {
+        let (Some(database_url), Some(redis_url)) =
+            (external_url("CSP_TEST_DATABASE_URL"), external_url("CSP_TEST_REDIS_URL"))
+        else {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -99,14 +98,9 @@ impl TestEnv {
         let name = format!("csp_test_{}", &id[..16]);
         let admin = Database::connect(database_url.as_str())
             .await
-            .unwrap_or_else(|e| {
-                panic!("CSP_TEST_DATABASE_URL is set but PostgreSQL does not answer: {e}")
-            });
+            .unwrap_or_else(|e| panic!("CSP_TEST_DATABASE_URL is set but PostgreSQL does not answer: {e}"));
         admin
-            .execute_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!("CREATE DATABASE \"{name}\""),
-            ))
+            .execute_raw(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE \"{name}\"")))
             .await
             .unwrap();
         admin.close().await.ok();
@@ -142,16 +136,16 @@ impl TestEnv {
         if let Some(redis) = &self.inner.redis {
             let _ = redis.purge().await;
         }
-        if let Some((name, admin_url)) = &self.inner.database {
-            if let Ok(admin) = Database::connect(admin_url.as_str()).await {
-                let _ = admin
-                    .execute_raw(Statement::from_string(
-                        DbBackend::Postgres,
-                        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
-                    ))
-                    .await;
-                admin.close().await.ok();
-            }
+        if let Some((name, admin_url)) = &self.inner.database
+            && let Ok(admin) = Database::connect(admin_url.as_str()).await
+        {
+            let _ = admin
+                .execute_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+                ))
+                .await;
+            admin.close().await.ok();
         }
     }
 }
@@ -234,9 +228,5 @@ macro_rules! backend_tests {
 
 /// The URL a [`Settings`] points PostgreSQL at, for assertions.
 pub fn database_url(settings: &Settings) -> Option<String> {
-    settings
-        .database
-        .url
-        .as_ref()
-        .map(|u| u.expose_secret().to_owned())
+    settings.database.url.as_ref().map(|u| u.expose_secret().to_owned())
 }

@@ -1,0 +1,395 @@
+//! The gateway against a real upstream: a gRPC server (the suite's standard server) serving a
+//! test `ExecutorService` that reports what reached it. The other services' addresses point at
+//! a closed port, as if those services were down.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use csp_platform::{GrpcServer, Settings, server::bind};
+use csp_proto::executor::v1::{
+    Execution, ExecutionEvent, GetExecutionRequest, GetExecutionResponse, WatchExecutionRequest,
+    WatchExecutionResponse,
+    executor_service_client::ExecutorServiceClient,
+    executor_service_server::{ExecutorService, ExecutorServiceServer},
+};
+use futures::StreamExt as _;
+use http_body_util::BodyExt as _;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// What the upstream saw, and a gate the streaming test opens.
+#[derive(Default)]
+struct Seen {
+    calls: AtomicUsize,
+    release: Notify,
+}
+
+struct TestExecutor(Arc<Seen>);
+
+type WatchStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchExecutionResponse, Status>> + Send + 'static>>;
+
+fn header(request_metadata: &tonic::metadata::MetadataMap, name: &str) -> String {
+    request_metadata.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+}
+
+#[tonic::async_trait]
+impl ExecutorService for TestExecutor {
+    /// Echoes the id and reports the trace context and deadline it received.
+    async fn get_execution(
+        &self,
+        request: Request<GetExecutionRequest>,
+    ) -> Result<Response<GetExecutionResponse>, Status> {
+        self.0.calls.fetch_add(1, Ordering::SeqCst);
+        let execution = Execution {
+            id: request.get_ref().execution_id.clone(),
+            design_id: header(request.metadata(), "traceparent"),
+            started_by: header(request.metadata(), "grpc-timeout"),
+            ..Default::default()
+        };
+        Ok(Response::new(GetExecutionResponse { execution: Some(execution) }))
+    }
+
+    /// Sends event 1 (carrying the grpc-timeout it saw), waits to be released, sends 2 and 3.
+    async fn watch_execution(
+        &self,
+        request: Request<WatchExecutionRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        self.0.calls.fetch_add(1, Ordering::SeqCst);
+        let deadline = header(request.metadata(), "grpc-timeout");
+        let seen = self.0.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let event = |id: &str, note: &str| {
+                Ok(WatchExecutionResponse {
+                    event: Some(ExecutionEvent {
+                        event_id: id.to_owned(),
+                        execution_id: note.to_owned(),
+                        ..Default::default()
+                    }),
+                })
+            };
+            let _ = tx.send(event("1", &deadline)).await;
+            seen.release.notified().await;
+            let _ = tx.send(event("2", "")).await;
+            let _ = tx.send(event("3", "")).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Harness {
+    gateway: SocketAddr,
+    seen: Arc<Seen>,
+    upstream_stop: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.upstream_stop.cancel();
+    }
+}
+
+fn init_telemetry() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut settings = Settings::default();
+        settings.log.level = "warn".into();
+        if let Ok(guard) = csp_platform::telemetry::init(&settings, "gateway-test") {
+            std::mem::forget(guard);
+        }
+    });
+}
+
+async fn closed_port() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn start() -> Harness {
+    init_telemetry();
+    let env = csp_testkit::TestEnv::embedded().await;
+    let mut settings = env.settings();
+    settings.gateway.max_message_bytes = 64 * 1024;
+    settings.gateway.cors_origins = vec!["http://designer.example".into()];
+
+    let seen = Arc::new(Seen::default());
+    let upstream_stop = CancellationToken::new();
+    let listener = bind("executor", "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let upstream = GrpcServer::new("executor", listener, &settings)
+        .unwrap()
+        .add_service(ExecutorServiceServer::new(TestExecutor(seen.clone())));
+    let upstream_addr = upstream.local_addr();
+    tokio::spawn(upstream.serve(upstream_stop.clone().cancelled_owned()));
+
+    let down = closed_port().await;
+    for service in csp_platform::Service::ALL {
+        settings.services.get_mut(service).address = format!("http://{down}");
+    }
+    settings.services.executor.address = format!("http://{upstream_addr}");
+
+    let stop = CancellationToken::new();
+    let gateway = csp_gateway::Application::with_listener(
+        &settings,
+        bind("gateway", "127.0.0.1:0".parse().unwrap()).await.unwrap(),
+    )
+    .unwrap();
+    let addr = gateway.local_addr();
+    tokio::spawn(gateway.run_until_stopped(stop.clone().cancelled_owned()));
+
+    let harness = Harness { gateway: addr, seen, upstream_stop, stop };
+    wait_for_status(&harness, "csp.executor.v1.ExecutorService", ServingStatus::Serving).await;
+    harness
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+async fn health_of(harness: &Harness, service: &str) -> ServingStatus {
+    let mut health = HealthClient::new(channel(harness.gateway).await);
+    let response = health.check(HealthCheckRequest { service: service.to_owned() }).await.unwrap();
+    ServingStatus::try_from(response.into_inner().status).unwrap()
+}
+
+async fn wait_for_status(harness: &Harness, service: &str, want: ServingStatus) {
+    for _ in 0..100 {
+        if health_of(harness, service).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{service} never became {want:?}");
+}
+
+/// A client speaking grpc-web over HTTP/1.1, as a browser does.
+fn grpc_web_client(
+    addr: SocketAddr,
+) -> ExecutorServiceClient<
+    tonic_web::GrpcWebClientService<
+        Client<hyper_util::client::legacy::connect::HttpConnector, tonic_web::GrpcWebCall<tonic::body::Body>>,
+    >,
+> {
+    let http1 = Client::builder(TokioExecutor::new()).build_http();
+    let service = tower::ServiceBuilder::new().layer(tonic_web::GrpcWebClientLayer::new()).service(http1);
+    ExecutorServiceClient::with_origin(service, format!("http://{addr}").parse().unwrap())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(format!("http://{addr}{path}").parse().unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_reach_the_service_with_trace_context_and_a_deadline() {
+    let harness = start().await;
+    let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let mut request = Request::new(GetExecutionRequest { execution_id: "e-1".into() });
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    request.metadata_mut().insert("traceparent", incoming.parse().unwrap());
+    let execution = client.get_execution(request).await.unwrap().into_inner().execution.unwrap();
+
+    assert_eq!(execution.id, "e-1");
+    let forwarded = execution.design_id;
+    assert!(forwarded.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "same trace: {forwarded}");
+    assert!(!forwarded.contains("00f067aa0ba902b7"), "the gateway's own span is the parent: {forwarded}");
+    assert_eq!(execution.started_by, "30000m", "unary calls without a deadline get the default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streams_pass_through_as_they_are_produced() {
+    let harness = start().await;
+    let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let mut stream = client
+        .watch_execution(WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    // The first event arrives while the upstream is still holding the rest back.
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.event.as_ref().unwrap().event_id, "1");
+    assert_eq!(first.event.unwrap().execution_id, "", "streams get no gateway deadline");
+    harness.seen.release.notify_one();
+    let rest: Vec<String> = stream.map(|r| r.unwrap().event.unwrap().event_id).collect().await;
+    assert_eq!(rest, ["2", "3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_reach_services_and_streams_over_grpc_web() {
+    let harness = start().await;
+    let mut client = grpc_web_client(harness.gateway);
+    let execution = client
+        .get_execution(GetExecutionRequest { execution_id: "from-browser".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(execution.id, "from-browser");
+
+    let mut stream = client
+        .watch_execution(WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.event.unwrap().event_id, "1");
+    harness.seen.release.notify_one();
+    let rest: Vec<String> = stream.map(|r| r.unwrap().event.unwrap().event_id).collect().await;
+    assert_eq!(rest, ["2", "3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_services_are_unimplemented() {
+    let harness = start().await;
+    let mut grpc = tonic::client::Grpc::new(channel(harness.gateway).await);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/csp.nope.v1.NopeService/Do");
+    let codec = tonic_prost::ProstCodec::<GetExecutionRequest, GetExecutionResponse>::default();
+    let status = grpc.unary(Request::new(GetExecutionRequest::default()), path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("csp.nope.v1.NopeService"), "{}", status.message());
+    assert_eq!(harness.seen.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_before_reaching_the_service() {
+    let harness = start().await;
+    let big = GetExecutionRequest { execution_id: "x".repeat(100 * 1024) };
+
+    let mut native = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let status = native.get_execution(big.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    let mut web = grpc_web_client(harness.gateway);
+    let status = web.get_execution(big).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    assert_eq!(harness.seen.calls.load(Ordering::SeqCst), 0, "the service never saw them");
+    // Just under the limit still passes.
+    let fits = GetExecutionRequest { execution_id: "x".repeat(60 * 1024) };
+    assert_eq!(native.get_execution(fits).await.unwrap().into_inner().execution.unwrap().id.len(), 60 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_service_is_unavailable_and_reported() {
+    let harness = start().await;
+    let mut auth =
+        csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(harness.gateway).await);
+    let status = auth.me(csp_proto::auth::v1::MeRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("csp.auth.v1.AuthService"), "{}", status.message());
+
+    assert_eq!(health_of(&harness, "csp.auth.v1.AuthService").await, ServingStatus::NotServing);
+    assert_eq!(health_of(&harness, "").await, ServingStatus::Serving, "the gateway itself is fine");
+
+    let (code, body) = http_get(harness.gateway, "/health").await;
+    assert_eq!(code, 503);
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["status"], "DEGRADED");
+    assert_eq!(report["upstreams"]["auth"]["status"], "UNREACHABLE");
+    assert_eq!(report["upstreams"]["executor"]["status"], "SERVING");
+    assert_eq!(report["upstreams"]["executor"]["dependencies"], serde_json::json!({}));
+
+    // When the executor goes away, its health follows.
+    harness.upstream_stop.cancel();
+    wait_for_status(&harness, "csp.executor.v1.ExecutorService", ServingStatus::NotServing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_allows_configured_origins_only() {
+    let harness = start().await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let preflight = |origin: &'static str| {
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri(format!("http://{}/csp.executor.v1.ExecutorService/GetExecution", harness.gateway))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,x-grpc-web,authorization")
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let allowed = client.request(preflight("http://designer.example")).await.unwrap();
+    assert!(allowed.status().is_success());
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "http://designer.example");
+    let allowed_headers = allowed.headers()["access-control-allow-headers"].to_str().unwrap().to_owned();
+    assert!(allowed_headers.contains("x-grpc-web") && allowed_headers.contains("authorization"));
+
+    let denied = client.request(preflight("http://evil.example")).await.unwrap();
+    assert!(denied.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_describes_the_whole_api() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let harness = start().await;
+    let mut client = ServerReflectionClient::new(channel(harness.gateway).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses =
+        client.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    let mut expected: Vec<String> = csp_proto::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect();
+    expected.extend(
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .map(String::from),
+    );
+    expected.sort();
+    assert_eq!(names, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_forwarded_calls_by_code() {
+    let harness = start().await;
+    let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
+    client.get_execution(GetExecutionRequest { execution_id: "m".into() }).await.unwrap();
+    let (code, text) = http_get(harness.gateway, "/metrics").await;
+    assert_eq!(code, 200);
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("csp_grpc_requests_total{")
+                && l.contains(r#"server="gateway""#)
+                && l.contains(r#"method="GetExecution""#)
+                && l.contains(r#"code="OK""#)
+        })
+        .unwrap_or_else(|| panic!("no gateway counter for GetExecution in:\n{text}"));
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 1.0);
+    assert!(text.contains("# TYPE csp_grpc_request_duration_seconds histogram"));
+}

@@ -1,0 +1,378 @@
+//! Black-box tests of the `csp` binary: started as a user starts it, reached only through the
+//! gateway, as a client would.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use csp_testkit::{Backend, TestEnv};
+use futures::StreamExt as _;
+use http_body_util::BodyExt as _;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use secrecy::ExposeSecret;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_csp");
+
+/// Variables of the developer's shell that would change what the binary does.
+const CLEARED: &[&str] = &[
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD",
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_DB",
+    "REDIS_PASSWORD",
+    "ENVIRONMENT",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "CSP_CONFIG",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "ENABLE_METRICS",
+];
+
+fn csp(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir).stdin(Stdio::null());
+    for var in CLEARED {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// Environment variables pointing the binary at a test environment.
+fn env_vars(env: &TestEnv) -> Vec<(String, String)> {
+    let settings = env.settings();
+    let mut vars = vec![
+        ("CSP_GATEWAY__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("LOG_LEVEL".into(), "warn".into()),
+    ];
+    match env.backend() {
+        Backend::Embedded => {
+            vars.push(("CSP_DATABASE__DATA_DIR".into(), env.dir().join("data").display().to_string()))
+        }
+        Backend::External => {
+            vars.push(("DATABASE_URL".into(), settings.database.url.unwrap().expose_secret().to_owned()));
+            vars.push(("REDIS_URL".into(), settings.redis.url.unwrap().expose_secret().to_owned()));
+            vars.push(("CSP_REDIS__KEY_PREFIX".into(), settings.redis.key_prefix));
+        }
+    }
+    vars
+}
+
+/// A running `csp serve`, stopped with SIGTERM when dropped.
+struct Running {
+    child: Child,
+    gateway: SocketAddr,
+}
+
+impl Running {
+    fn start(dir: &Path, vars: &[(String, String)], args: &[&str]) -> Running {
+        let mut child = csp(dir)
+            .args(args)
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("gateway listening on http://") {
+                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the gateway announced its address");
+        Running { child, gateway: addr.parse().unwrap() }
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "csp did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(format!("http://{addr}{path}").parse().unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn list_services(addr: SocketAddr) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut client = ServerReflectionClient::new(channel(addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses =
+        client.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    match responses.next().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            names
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+async fn serving(addr: SocketAddr, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel(addr).await);
+    let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap();
+    ServingStatus::try_from(response.into_inner().status).unwrap()
+}
+
+/// The first-run experience: everything up, discoverable, healthy and measured, then a clean
+/// stop on SIGTERM.
+async fn the_whole_system_runs_and_stops_cleanly(env: TestEnv) {
+    let mut csp = Running::start(env.dir(), &env_vars(&env), &["serve"]);
+    let addr = csp.gateway;
+
+    let mut expected: Vec<String> = csp_proto::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect();
+    expected.extend(
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .map(String::from),
+    );
+    expected.sort();
+    assert_eq!(list_services(addr).await, expected);
+
+    for service in csp_proto::SERVICE_NAMES {
+        let started = Instant::now();
+        while serving(addr, service).await != ServingStatus::Serving {
+            assert!(started.elapsed() < Duration::from_secs(10), "{service} is not serving");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let (code, body) = http_get(addr, "/health").await;
+    assert_eq!(code, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (database, bus) = match env.backend() {
+        Backend::Embedded => ("sqlite", "memory"),
+        Backend::External => ("postgres", "redis"),
+    };
+    for service in ["auth", "design", "registry", "executor", "collab", "ai"] {
+        let upstream = &report["upstreams"][service];
+        assert_eq!(upstream["status"], "SERVING", "{service}: {upstream}");
+        assert_eq!(upstream["dependencies"]["database"]["detail"], database, "{service}");
+        assert_eq!(upstream["dependencies"]["bus"]["detail"], bus, "{service}");
+    }
+
+    // A call reaches its service (which does not implement it yet) through the gateway.
+    let mut registry =
+        csp_proto::registry::v1::registry_service_client::RegistryServiceClient::new(channel(addr).await);
+    let status =
+        registry.list_categories(csp_proto::registry::v1::ListCategoriesRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    let (code, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("csp_grpc_requests_total{")
+            && l.contains(r#"server="registry""#)
+            && l.contains(r#"method="ListCategories""#)
+            && l.contains(r#"code="Unimplemented""#)),
+        "the registry counted the call:\n{metrics}"
+    );
+
+    let status = csp.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+}
+
+/// `csp migrate` creates each service's storage: a schema per service in PostgreSQL, a file per
+/// service in SQLite.
+async fn migrate_prepares_every_service(env: TestEnv) {
+    let vars = env_vars(&env);
+    let output = csp(env.dir())
+        .arg("migrate")
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for service in ["auth", "design", "registry", "executor", "collab", "ai"] {
+        assert!(stdout.contains(&format!("migrated {service}")), "{stdout}");
+        match env.backend() {
+            Backend::Embedded => assert!(env.dir().join(format!("data/{service}.db")).exists()),
+            Backend::External => {
+                use csp_store::sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+                let url = env.settings().database.url.unwrap().expose_secret().to_owned();
+                let db = Database::connect(url.as_str()).await.unwrap();
+                let row = db
+                    .query_one_raw(Statement::from_string(
+                        DbBackend::Postgres,
+                        format!(
+                            "SELECT count(*) AS n FROM information_schema.tables \
+                             WHERE table_schema = '{service}' AND table_name = 'seaql_migrations'"
+                        ),
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(row.try_get::<i64>("", "n").unwrap(), 1, "{service} has its own schema");
+                db.close().await.unwrap();
+            }
+        }
+    }
+}
+
+csp_testkit::backend_tests!(the_whole_system_runs_and_stops_cleanly, migrate_prepares_every_service);
+
+/// Runs the binary to completion with a timeout.
+fn run_to_end(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut child = csp(dir)
+        .args(args)
+        .envs(vars.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("csp {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let output = child.wait_with_output().unwrap();
+    (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// One clear line, a non-zero exit, no backtrace.
+fn assert_one_line_failure(status: ExitStatus, stderr: &str, expected: &[&str]) {
+    assert!(!status.success(), "should fail: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr, got:\n{stderr}");
+    assert!(lines[0].starts_with("error:"), "{stderr}");
+    for fragment in expected {
+        assert!(lines[0].contains(fragment), "`{fragment}` missing from: {}", lines[0]);
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_target_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_end(dir.path(), &["serve", "--target", "frontend"], &[]);
+    assert_eq!(status.code(), Some(2));
+    assert_one_line_failure(status, &stderr, &["unknown target `frontend`", "executor"]);
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, stderr) = run_to_end(dir.path(), &["serve"], &[("CSP_GATEWAY__LISTEN", &addr)]);
+    assert_one_line_failure(status, &stderr, &[&format!("cannot listen on {addr} for gateway"), "in use"]);
+}
+
+#[test]
+fn a_malformed_config_file_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::fs::write(dir.path().join("config/development.yml"), "gateway:\n  listen: [oops\n").unwrap();
+    let (status, stderr) = run_to_end(dir.path(), &["serve"], &[]);
+    assert_one_line_failure(status, &stderr, &["invalid configuration", "development.yml"]);
+    assert_eq!(status.code(), Some(1));
+
+    std::fs::write(dir.path().join("config/development.yml"), "gateway:\n  lisen: 0.0.0.0:1\n").unwrap();
+    let (status, stderr) = run_to_end(dir.path(), &["serve"], &[]);
+    assert_one_line_failure(status, &stderr, &["lisen"]);
+
+    let (status, stderr) = run_to_end(dir.path(), &["serve", "--config", "missing.yml"], &[]);
+    assert_one_line_failure(status, &stderr, &["missing.yml"]);
+}
+
+#[test]
+fn a_bad_environment_value_names_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_end(dir.path(), &["serve"], &[("CSP_GATEWAY__LISTEN", "everywhere")]);
+    assert_one_line_failure(status, &stderr, &["gateway.listen", "CSP_GATEWAY__LISTEN"]);
+}
+
+#[test]
+fn an_unreachable_database_is_one_clear_line_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_end(
+        dir.path(),
+        &["serve"],
+        &[
+            ("DATABASE_URL", "postgres://app:hunter2@127.0.0.1:1/csp"),
+            ("CSP_DATABASE__CONNECT_TIMEOUT", "2s"),
+            ("CSP_GATEWAY__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_one_line_failure(status, &stderr, &["cannot connect to the database", "127.0.0.1:1"]);
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_redis_is_one_clear_line_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_end(
+        dir.path(),
+        &["serve"],
+        &[
+            ("REDIS_URL", "redis://:hunter2@127.0.0.1:1/0"),
+            ("CSP_REDIS__CONNECT_TIMEOUT", "2s"),
+            ("CSP_GATEWAY__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_one_line_failure(status, &stderr, &["cannot connect to the event bus", "127.0.0.1:1"]);
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn the_gateway_has_no_database_to_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_end(dir.path(), &["migrate", "--target", "gateway"], &[]);
+    assert_one_line_failure(status, &stderr, &["gateway has no database"]);
+}
