@@ -297,6 +297,23 @@ fn assert_one_line_failure(status: ExitStatus, stderr: &str, expected: &[&str]) 
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_feature_names_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars: Vec<(String, String)> =
+        [("CSP_GATEWAY__LISTEN", "127.0.0.1:0"), ("CSP_FEATURES__AI", "false"), ("LOG_LEVEL", "warn")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec();
+    let mut csp = Running::start(dir.path(), &vars, &["serve"]);
+    let mut ai = csp_proto::ai::v1::ai_service_client::AiServiceClient::new(channel(csp.gateway).await);
+    let status = ai.list_models(csp_proto::ai::v1::ListModelsRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("features.ai"), "{}", status.message());
+    // The service itself is up: switched off is not broken.
+    assert_eq!(serving(csp.gateway, "csp.ai.v1.AiService").await, ServingStatus::Serving);
+    assert!(csp.terminate().success());
+}
+
 #[test]
 fn an_unknown_target_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();

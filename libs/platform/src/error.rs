@@ -165,6 +165,15 @@ impl fmt::Display for ApiError {
 
 impl StdError for ApiError {}
 
+/// A tonic interceptor that lets calls through when `enabled`, and otherwise answers
+/// UNIMPLEMENTED naming the flag (`features.<flag>`).
+pub fn feature_gate(
+    flag: &'static str,
+    enabled: bool,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |request| if enabled { Ok(request) } else { Err(ApiError::feature_disabled(flag).into()) }
+}
+
 /// Renders an error and its causes as `outer: inner: innermost`.
 pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
     let mut out = error.to_string();

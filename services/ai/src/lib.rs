@@ -2,6 +2,9 @@
 //!
 //! Serves `csp.ai.v1.AiService`: Chat, ChatStream, CreateConversation, ListConversations, GetConversation, DeleteConversation, Analyze, GenerateCode, GetUsage, ListModels.
 //!
+//! Switched off with \`features.ai: false\`: every RPC then answers UNIMPLEMENTED naming
+//! the flag.
+//!
 //! Run it alone with `csp serve --target ai`: it listens on `services.ai.listen` and
 //! keeps its tables in the `ai` schema (PostgreSQL) or `<database.data_dir>/ai.db`
 //! (SQLite). Its health (`grpc.health.v1`, `GET /health`) follows its database and the event
@@ -14,6 +17,7 @@ use csp_platform::{GrpcServer, ServerError, Service, Settings, health::Dependenc
 use csp_proto::ai::v1::ai_service_server::AiServiceServer;
 use csp_store::StoreError;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 mod grpc;
 pub mod migration;
@@ -57,7 +61,10 @@ impl Application {
             .max_encoding_message_size(settings.server.max_message_bytes);
         let server = GrpcServer::new(SERVICE.name(), listener, settings)?
             .with_dependencies(Dependencies::new().with(db.probe()).with(csp_bus::probe(bus)))
-            .add_service(api);
+            .add_service(InterceptedService::new(
+                api,
+                csp_platform::error::feature_gate("ai", settings.features.ai),
+            ));
         Ok(Self { server })
     }
 
