@@ -33,6 +33,10 @@ fmt: ## Format the code
 migrate: ## Apply every service's database migrations (uses DATABASE_URL when set)
 	$(CARGO) run --bin csp -- migrate
 
+.PHONY: bench
+bench: ## Run the benchmark workloads (release build), one result line each
+	$(CARGO) run --quiet --release -p csp-bench
+
 .PHONY: build
 build: ## Build the release binary (target/release/csp)
 	$(CARGO) build --release --bin csp

@@ -38,12 +38,38 @@ enum Command {
         #[arg(long, default_value = "all", value_parser = parse_target)]
         target: Target,
     },
+    /// Administration that needs no running server.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Apply pending database migrations.
     Migrate {
         /// all, or one service: auth, design, registry, executor, collab or ai.
         #[arg(long, default_value = "all", value_parser = parse_target)]
         target: Target,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user directly in the database (the way to make the first admin). The password
+    /// is read from CSP_ADMIN_PASSWORD, or from standard input (hidden when it is a terminal).
+    CreateUser {
+        /// Login name.
+        #[arg(long)]
+        username: String,
+        /// Email address.
+        #[arg(long)]
+        email: String,
+        /// Role to grant (repeat for several): admin, designer, viewer, service, registrar.
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<csp_platform::auth::Role>,
+    },
+}
+
+fn parse_role(value: &str) -> Result<csp_platform::auth::Role, String> {
+    value.parse()
 }
 
 /// What `serve` and `migrate` act on.
@@ -110,6 +136,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = csp_platform::telemetry::init(&settings, &name).map_err(anyhow::Error::msg)?;
             serve(settings, target).await
         }
+        Command::Admin { command: AdminCommand::CreateUser { username, email, roles } } => {
+            let _telemetry =
+                csp_platform::telemetry::init(&settings, "csp-admin").map_err(anyhow::Error::msg)?;
+            let password = admin_password()?;
+            let id = csp_auth::create_user(&settings, &username, &email, &password, roles.clone()).await?;
+            let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            println!("created user {username} ({id}) with roles {}", roles.join(", "));
+            Ok(())
+        }
         Command::Migrate { target } => {
             let _telemetry =
                 csp_platform::telemetry::init(&settings, "csp-migrate").map_err(anyhow::Error::msg)?;
@@ -125,6 +160,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The new user's password: CSP_ADMIN_PASSWORD, else one line of standard input.
+fn admin_password() -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("CSP_ADMIN_PASSWORD") {
+        return Ok(password);
+    }
+    use std::io::IsTerminal as _;
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password("password: ").context("reading the password");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 async fn migrate(settings: &Settings, service: Service) -> anyhow::Result<()> {
@@ -176,7 +225,8 @@ async fn serve(mut settings: Settings, target: Target) -> anyhow::Result<()> {
 
     match target {
         Target::Gateway => {
-            let gateway = csp_gateway::Application::build(&settings).await?;
+            let bus = csp_bus::connect(&settings).await?;
+            let gateway = csp_gateway::Application::build(&settings, bus).await?;
             announce(&settings, gateway.local_addr(), false);
             let stop = gateway_stop.clone();
             gateway_task =
@@ -215,7 +265,7 @@ async fn serve(mut settings: Settings, target: Target) -> anyhow::Result<()> {
                     .with_context(|| format!("starting {service}"))?;
                 services.spawn(running);
             }
-            let gateway = csp_gateway::Application::with_listener(&settings, gateway_listener)?;
+            let gateway = csp_gateway::Application::with_listener(&settings, bus, gateway_listener)?;
             announce(&settings, gateway.local_addr(), true);
             let stop = gateway_stop.clone();
             gateway_task =

@@ -164,11 +164,55 @@ async fn serving(addr: SocketAddr, service: &str) -> ServingStatus {
     ServingStatus::try_from(response.into_inner().status).unwrap()
 }
 
+const ADMIN_PASSWORD: &str = "Tr1cky-Lantern-Oboe-42";
+
+/// `csp admin create-user`, as the README shows it.
+fn create_admin(env: &TestEnv, vars: &[(String, String)]) {
+    create_admin_in(env.dir(), vars);
+}
+
+fn create_admin_in(dir: &Path, vars: &[(String, String)]) {
+    let output = csp(dir)
+        .args([
+            "admin",
+            "create-user",
+            "--username",
+            "admin",
+            "--email",
+            "admin@example.com",
+            "--role",
+            "admin",
+        ])
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("CSP_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("created user admin"));
+}
+
+async fn login(
+    addr: SocketAddr,
+    login: &str,
+    password: &str,
+) -> Result<csp_proto::auth::v1::LoginResponse, tonic::Status> {
+    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
+    let request = csp_proto::auth::v1::LoginRequest {
+        login: login.into(),
+        password: password.into(),
+        api_key: String::new(),
+    };
+    Ok(auth.login(request).await?.into_inner())
+}
+
 /// The first-run experience: everything up, discoverable, healthy and measured, then a clean
 /// stop on SIGTERM.
 async fn the_whole_system_runs_and_stops_cleanly(env: TestEnv) {
-    let mut csp = Running::start(env.dir(), &env_vars(&env), &["serve"]);
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let mut csp = Running::start(env.dir(), &vars, &["serve"]);
     let addr = csp.gateway;
+    let token = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
 
     let mut expected: Vec<String> = csp_proto::SERVICE_NAMES.iter().map(|s| (*s).to_owned()).collect();
     expected.extend(
@@ -207,8 +251,8 @@ async fn the_whole_system_runs_and_stops_cleanly(env: TestEnv) {
     // A call reaches its service (which does not implement it yet) through the gateway.
     let mut registry =
         csp_proto::registry::v1::registry_service_client::RegistryServiceClient::new(channel(addr).await);
-    let status =
-        registry.list_categories(csp_proto::registry::v1::ListCategoriesRequest {}).await.unwrap_err();
+    let request = csp_testkit::authed(csp_proto::registry::v1::ListCategoriesRequest {}, &token);
+    let status = registry.list_categories(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
 
     let (code, metrics) = http_get(addr, "/metrics").await;
@@ -262,7 +306,70 @@ async fn migrate_prepares_every_service(env: TestEnv) {
     }
 }
 
-csp_testkit::backend_tests!(the_whole_system_runs_and_stops_cleanly, migrate_prepares_every_service);
+/// A new user's first session, as a client sees it through the gateway: the admin creates a
+/// designer, who logs in, refreshes, and is disabled — after which the gateway (which verifies
+/// tokens itself, never calling auth) refuses the designer's token.
+async fn sessions_and_revocation_through_the_gateway(env: TestEnv) {
+    use csp_proto::auth::v1 as pb;
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let addr = csp.gateway;
+    let admin = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
+    let mut auth = pb::auth_service_client::AuthServiceClient::new(channel(addr).await);
+
+    let request = pb::CreateUserRequest {
+        username: "dora".into(),
+        email: "dora@example.com".into(),
+        password: "correct horse battery staple".into(),
+        roles: vec![pb::Role::Designer as i32],
+        ..Default::default()
+    };
+    let dora =
+        auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap().into_inner().user.unwrap();
+    let tokens = login(addr, "dora", "correct horse battery staple").await.unwrap().tokens.unwrap();
+    let me = auth.me(csp_testkit::authed(pb::MeRequest {}, &tokens.access_token)).await.unwrap().into_inner();
+    assert_eq!(me.user.unwrap().username, "dora");
+
+    let renewed =
+        auth.refresh(pb::RefreshRequest { refresh_token: tokens.refresh_token.clone() }).await.unwrap();
+    let renewed = renewed.into_inner().tokens.unwrap();
+    let reused = auth.refresh(pb::RefreshRequest { refresh_token: tokens.refresh_token }).await.unwrap_err();
+    assert_eq!(reused.code(), Code::Unauthenticated, "the old refresh token is refused");
+
+    // Dora's token reaches the registry (which answers, though it implements nothing yet).
+    let mut registry =
+        csp_proto::registry::v1::registry_service_client::RegistryServiceClient::new(channel(addr).await);
+    let call = |token: &str| csp_testkit::authed(csp_proto::registry::v1::ListCategoriesRequest {}, token);
+    assert_eq!(
+        registry.list_categories(call(&renewed.access_token)).await.unwrap_err().code(),
+        Code::Unimplemented
+    );
+
+    let request = pb::DisableUserRequest { user_id: dora.id, reason: "test".into() };
+    auth.disable_user(csp_testkit::authed(request, &admin)).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let status = registry.list_categories(call(&renewed.access_token)).await.unwrap_err();
+        if status.code() == Code::Unauthenticated {
+            assert!(status.message().contains("revoked"), "{status:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the gateway still accepts a disabled user's token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The admin is unaffected.
+    assert_eq!(registry.list_categories(call(&admin)).await.unwrap_err().code(), Code::Unimplemented);
+}
+
+csp_testkit::backend_tests!(
+    the_whole_system_runs_and_stops_cleanly,
+    migrate_prepares_every_service,
+    sessions_and_revocation_through_the_gateway,
+);
 
 /// Runs the binary to completion with a timeout.
 fn run_to_end(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> (ExitStatus, String) {
@@ -304,9 +411,12 @@ async fn a_disabled_feature_names_its_flag() {
         [("CSP_GATEWAY__LISTEN", "127.0.0.1:0"), ("CSP_FEATURES__AI", "false"), ("LOG_LEVEL", "warn")]
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .to_vec();
+    create_admin_in(dir.path(), &vars);
     let mut csp = Running::start(dir.path(), &vars, &["serve"]);
+    let token = login(csp.gateway, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
     let mut ai = csp_proto::ai::v1::ai_service_client::AiServiceClient::new(channel(csp.gateway).await);
-    let status = ai.list_models(csp_proto::ai::v1::ListModelsRequest::default()).await.unwrap_err();
+    let request = csp_testkit::authed(csp_proto::ai::v1::ListModelsRequest::default(), &token);
+    let status = ai.list_models(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
     assert!(status.message().contains("features.ai"), "{}", status.message());
     // The service itself is up: switched off is not broken.

@@ -34,7 +34,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use prost::Message as _;
-use tonic::{Code, Status, body::Body, service::Routes};
+use tonic::{Code, Status, body::Body, service::Routes, transport::server::TcpConnectInfo};
 use tower::Service;
 
 /// The gRPC services the gateway answers itself.
@@ -210,6 +210,13 @@ async fn forward(
     };
     parts.version = http::Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
+    // The address this connection came from, replacing anything the client claimed.
+    parts.headers.remove("x-forwarded-for");
+    if let Some(peer) = parts.extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr)
+        && let Ok(value) = HeaderValue::from_str(&peer.ip().to_string())
+    {
+        parts.headers.insert("x-forwarded-for", value);
+    }
     parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     apply_deadline(&mut parts.headers, shape, upstreams.default_deadline, upstreams.max_deadline);
     // The upstream's server span becomes a child of this gateway's span.

@@ -3,6 +3,9 @@
 //!
 //! - Forwards each call by its gRPC service name to that service's address
 //!   (`services.<name>.address`), schema-agnostic, streams included ([`forward`]).
+//! - Refuses calls to the API without a valid access token (verified locally, see
+//!   `csp_platform::auth`), except [`PUBLIC_CALLS`]; the token is forwarded, and the client's
+//!   address goes along as `x-forwarded-for`.
 //! - CORS for `gateway.cors_origins`; request messages over `gateway.max_message_bytes` get
 //!   RESOURCE_EXHAUSTED; unary calls get a bounded deadline.
 //! - Serves reflection for the whole API and `grpc.health.v1` for every service name
@@ -14,7 +17,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use csp_platform::{GrpcServer, ServerError, Settings, server::bind};
+use csp_bus::SharedBus;
+use csp_platform::{GrpcServer, ServerError, Settings, auth::AuthLayer, server::bind};
 use http::{HeaderName, Method};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
@@ -22,6 +26,15 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 mod forward;
 mod health;
+
+/// Calls that need no access token: how one gets a token in the first place. Health and
+/// reflection are answered by the gateway itself and are public too.
+pub const PUBLIC_CALLS: &[&str] = &[
+    "/csp.auth.v1.AuthService/Login",
+    "/csp.auth.v1.AuthService/Refresh",
+    "/csp.auth.v1.AuthService/Register",
+    "/csp.auth.v1.AuthService/GetPublicKeys",
+];
 
 /// Why the gateway could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -43,16 +56,20 @@ pub struct Application {
 
 impl Application {
     /// Binds `gateway.listen` and prepares the gateway.
-    pub async fn build(settings: &Settings) -> Result<Self, Error> {
+    pub async fn build(settings: &Settings, bus: SharedBus) -> Result<Self, Error> {
         let listener = bind("gateway", settings.gateway.listen).await?;
-        Self::with_listener(settings, listener)
+        Self::with_listener(settings, bus, listener)
     }
 
-    /// Prepares the gateway on an already bound listener.
-    pub fn with_listener(settings: &Settings, listener: TcpListener) -> Result<Self, Error> {
+    /// Prepares the gateway on an already bound listener. Must run inside the tokio runtime
+    /// (it starts the token verifier's background tasks).
+    pub fn with_listener(settings: &Settings, bus: SharedBus, listener: TcpListener) -> Result<Self, Error> {
         let upstreams = Arc::new(forward::Upstreams::new(settings).map_err(Error::Config)?);
-        let server =
-            GrpcServer::new("gateway", listener, settings)?.reflect_services(&csp_proto::SERVICE_NAMES);
+        let verifier =
+            csp_bus::revocations::remote_verifier(settings, bus).map_err(|e| Error::Config(e.to_string()))?;
+        let server = GrpcServer::new("gateway", listener, settings)?
+            .reflect_services(&csp_proto::SERVICE_NAMES)
+            .with_auth(AuthLayer::required(verifier, &csp_proto::SERVICE_NAMES, PUBLIC_CALLS));
         let report = health::GatewayReport::new(settings, upstreams.client().clone(), server.health());
         let server = server.with_health_report(Arc::new(report));
         Ok(Self { server, settings: settings.clone(), upstreams })

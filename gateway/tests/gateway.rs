@@ -20,6 +20,7 @@ use csp_proto::executor::v1::{
     executor_service_client::ExecutorServiceClient,
     executor_service_server::{ExecutorService, ExecutorServiceServer},
 };
+use csp_testkit::authed;
 use futures::StreamExt as _;
 use http_body_util::BodyExt as _;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
@@ -59,6 +60,7 @@ impl ExecutorService for TestExecutor {
             id: request.get_ref().execution_id.clone(),
             design_id: header(request.metadata(), "traceparent"),
             started_by: header(request.metadata(), "grpc-timeout"),
+            retry_of: header(request.metadata(), "x-forwarded-for"),
             ..Default::default()
         };
         Ok(Response::new(GetExecutionResponse { execution: Some(execution) }))
@@ -95,6 +97,8 @@ impl ExecutorService for TestExecutor {
 struct Harness {
     gateway: SocketAddr,
     seen: Arc<Seen>,
+    token: String,
+    _issuer: csp_testkit::TestIssuer,
     upstream_stop: CancellationToken,
     stop: CancellationToken,
 }
@@ -143,17 +147,21 @@ async fn start() -> Harness {
         settings.services.get_mut(service).address = format!("http://{down}");
     }
     settings.services.executor.address = format!("http://{upstream_addr}");
+    let issuer = csp_testkit::TestIssuer::start().await;
+    issuer.point(&mut settings);
+    let token = issuer.token("user-1", &[csp_platform::auth::Role::Designer]);
 
     let stop = CancellationToken::new();
     let gateway = csp_gateway::Application::with_listener(
         &settings,
+        env.bus(),
         bind("gateway", "127.0.0.1:0".parse().unwrap()).await.unwrap(),
     )
     .unwrap();
     let addr = gateway.local_addr();
     tokio::spawn(gateway.run_until_stopped(stop.clone().cancelled_owned()));
 
-    let harness = Harness { gateway: addr, seen, upstream_stop, stop };
+    let harness = Harness { gateway: addr, seen, token, _issuer: issuer, upstream_stop, stop };
     wait_for_status(&harness, "csp.executor.v1.ExecutorService", ServingStatus::Serving).await;
     harness
 }
@@ -203,7 +211,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 async fn unary_calls_reach_the_service_with_trace_context_and_a_deadline() {
     let harness = start().await;
     let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
-    let mut request = Request::new(GetExecutionRequest { execution_id: "e-1".into() });
+    let mut request = authed(GetExecutionRequest { execution_id: "e-1".into() }, &harness.token);
     let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     request.metadata_mut().insert("traceparent", incoming.parse().unwrap());
     let execution = client.get_execution(request).await.unwrap().into_inner().execution.unwrap();
@@ -220,7 +228,10 @@ async fn server_streams_pass_through_as_they_are_produced() {
     let harness = start().await;
     let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
     let mut stream = client
-        .watch_execution(WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() })
+        .watch_execution(authed(
+            WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() },
+            &harness.token,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -238,7 +249,7 @@ async fn browsers_reach_services_and_streams_over_grpc_web() {
     let harness = start().await;
     let mut client = grpc_web_client(harness.gateway);
     let execution = client
-        .get_execution(GetExecutionRequest { execution_id: "from-browser".into() })
+        .get_execution(authed(GetExecutionRequest { execution_id: "from-browser".into() }, &harness.token))
         .await
         .unwrap()
         .into_inner()
@@ -247,7 +258,10 @@ async fn browsers_reach_services_and_streams_over_grpc_web() {
     assert_eq!(execution.id, "from-browser");
 
     let mut stream = client
-        .watch_execution(WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() })
+        .watch_execution(authed(
+            WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() },
+            &harness.token,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -277,36 +291,49 @@ async fn oversized_messages_are_refused_before_reaching_the_service() {
     let big = GetExecutionRequest { execution_id: "x".repeat(100 * 1024) };
 
     let mut native = ExecutorServiceClient::new(channel(harness.gateway).await);
-    let status = native.get_execution(big.clone()).await.unwrap_err();
+    let status = native.get_execution(authed(big.clone(), &harness.token)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     let mut web = grpc_web_client(harness.gateway);
-    let status = web.get_execution(big).await.unwrap_err();
+    let status = web.get_execution(authed(big, &harness.token)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     assert_eq!(harness.seen.calls.load(Ordering::SeqCst), 0, "the service never saw them");
     // Just under the limit still passes.
     let fits = GetExecutionRequest { execution_id: "x".repeat(60 * 1024) };
-    assert_eq!(native.get_execution(fits).await.unwrap().into_inner().execution.unwrap().id.len(), 60 * 1024);
+    assert_eq!(
+        native
+            .get_execution(authed(fits, &harness.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .execution
+            .unwrap()
+            .id
+            .len(),
+        60 * 1024
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_service_is_unavailable_and_reported() {
     let harness = start().await;
-    let mut auth =
-        csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(harness.gateway).await);
-    let status = auth.me(csp_proto::auth::v1::MeRequest {}).await.unwrap_err();
+    let mut design = csp_proto::design::v1::design_service_client::DesignServiceClient::new(
+        channel(harness.gateway).await,
+    );
+    let request = csp_proto::design::v1::GetDesignRequest { design_id: "d".into() };
+    let status = design.get_design(authed(request, &harness.token)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("csp.auth.v1.AuthService"), "{}", status.message());
+    assert!(status.message().contains("csp.design.v1.DesignService"), "{}", status.message());
 
-    assert_eq!(health_of(&harness, "csp.auth.v1.AuthService").await, ServingStatus::NotServing);
+    assert_eq!(health_of(&harness, "csp.design.v1.DesignService").await, ServingStatus::NotServing);
     assert_eq!(health_of(&harness, "").await, ServingStatus::Serving, "the gateway itself is fine");
 
     let (code, body) = http_get(harness.gateway, "/health").await;
     assert_eq!(code, 503);
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["status"], "DEGRADED");
-    assert_eq!(report["upstreams"]["auth"]["status"], "UNREACHABLE");
+    assert_eq!(report["upstreams"]["design"]["status"], "UNREACHABLE");
     assert_eq!(report["upstreams"]["executor"]["status"], "SERVING");
     assert_eq!(report["upstreams"]["executor"]["dependencies"], serde_json::json!({}));
 
@@ -377,7 +404,10 @@ async fn reflection_describes_the_whole_api() {
 async fn metrics_count_forwarded_calls_by_code() {
     let harness = start().await;
     let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
-    client.get_execution(GetExecutionRequest { execution_id: "m".into() }).await.unwrap();
+    client
+        .get_execution(authed(GetExecutionRequest { execution_id: "m".into() }, &harness.token))
+        .await
+        .unwrap();
     let (code, text) = http_get(harness.gateway, "/metrics").await;
     assert_eq!(code, 200);
     let line = text
@@ -392,4 +422,36 @@ async fn metrics_count_forwarded_calls_by_code() {
     let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(count >= 1.0);
     assert!(text.contains("# TYPE csp_grpc_request_duration_seconds histogram"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_need_a_valid_token_except_the_public_ones() {
+    let harness = start().await;
+    let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let status = client.get_execution(GetExecutionRequest { execution_id: "e".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("missing access token"), "{status:?}");
+    let status =
+        client.get_execution(authed(GetExecutionRequest::default(), "not.a.token")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(harness.seen.calls.load(Ordering::SeqCst), 0, "refused at the edge");
+
+    // Login needs no token: it reaches the auth service (here a stand-in that only publishes
+    // keys, so it answers UNIMPLEMENTED — but it answered).
+    let mut auth =
+        csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(harness.gateway).await);
+    let status = auth.login(csp_proto::auth::v1::LoginRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    // Health and reflection are public too.
+    assert_eq!(health_of(&harness, "").await, ServingStatus::Serving);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_address_cannot_be_forged() {
+    let harness = start().await;
+    let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let mut request = authed(GetExecutionRequest { execution_id: "e".into() }, &harness.token);
+    request.metadata_mut().insert("x-forwarded-for", "203.0.113.66".parse().unwrap());
+    let execution = client.get_execution(request).await.unwrap().into_inner().execution.unwrap();
+    assert_eq!(execution.retry_of, "127.0.0.1", "the service sees the real peer");
 }

@@ -19,6 +19,9 @@
 //! - A consumer group delivers each new entry to exactly one consumer; entries stay pending
 //!   until acknowledged, and `claim_idle` hands entries pending longer than an idle time (a
 //!   consumer that died) to another consumer, counting deliveries.
+//!
+//! The same backends hold [`Counters`]: integers with a time to live, for lockouts and rate
+//! limits (Redis `INCR` + `PEXPIRE` in one script; a map in memory).
 
 use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc, time::Duration};
 
@@ -28,6 +31,7 @@ use futures::stream::BoxStream;
 
 mod memory;
 mod redis;
+pub mod revocations;
 
 pub use memory::MemoryBus;
 pub use redis::RedisBus;
@@ -183,9 +187,33 @@ pub enum BusError {
 /// Result of bus operations.
 pub type Result<T, E = BusError> = std::result::Result<T, E>;
 
-/// A capped, resumable event log with consumer groups. See the crate docs for the semantics.
+/// Counters with a time to live, shared by every replica (lockouts, rate limits).
 #[async_trait]
-pub trait EventBus: Send + Sync + 'static {
+pub trait Counters: Send + Sync + 'static {
+    /// Adds one to `key` and returns the new count. A key that did not exist starts at 1 and
+    /// lives for `window` (later hits do not extend it): a fixed window.
+    async fn hit(&self, key: &str, window: Duration) -> Result<u64>;
+
+    /// Adds `amount` to `key` like [`hit`](Self::hit).
+    async fn add(&self, key: &str, amount: u64, window: Duration) -> Result<u64>;
+
+    /// The count of `key`, 0 when absent or expired.
+    async fn count(&self, key: &str) -> Result<u64>;
+
+    /// How long `key` still lives, `None` when absent or expired.
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>>;
+
+    /// Sets `key` to `value` for `ttl`.
+    async fn set(&self, key: &str, value: u64, ttl: Duration) -> Result<()>;
+
+    /// Removes `key`.
+    async fn reset(&self, key: &str) -> Result<()>;
+}
+
+/// A capped, resumable event log with consumer groups, and shared [`Counters`]. See the crate
+/// docs for the semantics.
+#[async_trait]
+pub trait EventBus: Counters {
     /// `redis` or `memory`.
     fn backend(&self) -> &'static str;
 

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::watch;
 
-use crate::{BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result};
+use crate::{
+    BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
+};
 
 /// Batch size of a tail's reads.
 const TAIL_BATCH: usize = 256;
@@ -19,6 +21,7 @@ const TAIL_BATCH: usize = 256;
 #[derive(Clone, Default)]
 pub struct MemoryBus {
     streams: Arc<Mutex<HashMap<String, StreamState>>>,
+    counters: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
 }
 
 impl std::fmt::Debug for MemoryBus {
@@ -138,6 +141,68 @@ impl MemoryBus {
             out.push(Delivery { event, deliveries: 1 });
         }
         Ok(out)
+    }
+}
+
+impl MemoryBus {
+    fn counters(&self) -> MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        let mut guard = match self.counters.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Expired keys go on the way in; the map stays as small as the live keys.
+        if guard.len() > 1024 {
+            let now = Instant::now();
+            guard.retain(|_, (_, expires)| *expires > now);
+        }
+        guard
+    }
+
+    fn live(&self, key: &str) -> Option<(u64, Instant)> {
+        let mut counters = self.counters();
+        match counters.get(key) {
+            Some((_, expires)) if *expires <= Instant::now() => {
+                counters.remove(key);
+                None
+            }
+            other => other.copied(),
+        }
+    }
+}
+
+#[async_trait]
+impl Counters for MemoryBus {
+    async fn hit(&self, key: &str, window: Duration) -> Result<u64> {
+        self.add(key, 1, window).await
+    }
+
+    async fn add(&self, key: &str, amount: u64, window: Duration) -> Result<u64> {
+        let now = Instant::now();
+        let mut counters = self.counters();
+        let entry = counters.entry(key.to_owned()).or_insert((0, now + window));
+        if entry.1 <= now {
+            *entry = (0, now + window);
+        }
+        entry.0 += amount;
+        Ok(entry.0)
+    }
+
+    async fn count(&self, key: &str) -> Result<u64> {
+        Ok(self.live(key).map_or(0, |(n, _)| n))
+    }
+
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        Ok(self.live(key).map(|(_, expires)| expires.saturating_duration_since(Instant::now())))
+    }
+
+    async fn set(&self, key: &str, value: u64, ttl: Duration) -> Result<()> {
+        self.counters().insert(key.to_owned(), (value, Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn reset(&self, key: &str) -> Result<()> {
+        self.counters().remove(key);
+        Ok(())
     }
 }
 

@@ -28,7 +28,9 @@ use futures::stream::{self, BoxStream, StreamExt as _};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Notify, mpsc};
 
-use crate::{BusError, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result};
+use crate::{
+    BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
+};
 
 /// Payload field of an entry.
 const PAYLOAD_FIELD: &str = "p";
@@ -225,6 +227,63 @@ impl RedisBus {
         if after < max_deleted {
             return Err(BusError::Truncated { stream: stream.to_owned(), after, trimmed_up_to: max_deleted });
         }
+        Ok(())
+    }
+}
+
+/// INCRBY that starts a fixed window (PEXPIRE) when it creates the key.
+fn hit_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return n
+"#,
+        )
+    })
+}
+
+#[async_trait]
+impl Counters for RedisBus {
+    async fn hit(&self, key: &str, window: Duration) -> Result<u64> {
+        self.add(key, 1, window).await
+    }
+
+    async fn add(&self, key: &str, amount: u64, window: Duration) -> Result<u64> {
+        let args = vec![Value::Integer(amount as i64), Value::Integer(window.as_millis().max(1) as i64)];
+        hit_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(key)], args)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn count(&self, key: &str) -> Result<u64> {
+        let value: Option<u64> = self.inner.pool.get(self.key(key)).await.map_err(unavailable)?;
+        Ok(value.unwrap_or(0))
+    }
+
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        let millis: i64 = self.inner.pool.pttl(self.key(key)).await.map_err(unavailable)?;
+        Ok((millis >= 0).then(|| Duration::from_millis(millis as u64)))
+    }
+
+    async fn set(&self, key: &str, value: u64, ttl: Duration) -> Result<()> {
+        let expiry = fred::types::Expiration::PX(ttl.as_millis().max(1) as i64);
+        let _: Value = self
+            .inner
+            .pool
+            .set(self.key(key), value, Some(expiry), None, false)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn reset(&self, key: &str) -> Result<()> {
+        let _: i64 = self.inner.pool.del(self.key(key)).await.map_err(unavailable)?;
         Ok(())
     }
 }

@@ -311,7 +311,50 @@ async fn deleting_a_stream_removes_it(env: TestEnv) {
     bus.ping().await.unwrap();
 }
 
+async fn counters_count_within_a_fixed_window(env: TestEnv) {
+    let bus = env.bus();
+    let window = Duration::from_millis(600);
+    assert_eq!(bus.count("fails:alice").await.unwrap(), 0);
+    assert_eq!(bus.ttl("fails:alice").await.unwrap(), None);
+    for expected in 1..=3 {
+        assert_eq!(bus.hit("fails:alice", window).await.unwrap(), expected);
+    }
+    assert_eq!(bus.add("fails:alice", 10, window).await.unwrap(), 13);
+    assert_eq!(bus.count("fails:alice").await.unwrap(), 13);
+    assert_eq!(bus.count("fails:bob").await.unwrap(), 0, "keys are independent");
+    let ttl = bus.ttl("fails:alice").await.unwrap().unwrap();
+    assert!(ttl <= window && ttl > Duration::from_millis(100), "{ttl:?}");
+
+    // Hits do not extend the window; it ends, and the count starts over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(bus.count("fails:alice").await.unwrap(), 0);
+    assert_eq!(bus.ttl("fails:alice").await.unwrap(), None);
+    assert_eq!(bus.hit("fails:alice", window).await.unwrap(), 1);
+
+    bus.set("lock:alice", 1, Duration::from_secs(30)).await.unwrap();
+    assert!(bus.ttl("lock:alice").await.unwrap().unwrap() > Duration::from_secs(25));
+    bus.reset("lock:alice").await.unwrap();
+    assert_eq!(bus.ttl("lock:alice").await.unwrap(), None);
+}
+
+async fn concurrent_hits_are_all_counted(env: TestEnv) {
+    let bus = env.bus();
+    let hits: Vec<_> = (0..200)
+        .map(|_| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.hit("shared", Duration::from_secs(30)).await.unwrap() })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for hit in hits {
+        assert!(seen.insert(hit.await.unwrap()), "every hit sees its own count");
+    }
+    assert_eq!(seen, (1..=200).collect::<HashSet<u64>>());
+}
+
 csp_testkit::backend_tests!(
+    counters_count_within_a_fixed_window,
+    concurrent_hits_are_all_counted,
     appends_keep_order_and_round_trip,
     readers_resume_without_gaps_or_repeats,
     the_cap_holds_and_trimmed_history_is_reported,

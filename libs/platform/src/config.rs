@@ -493,15 +493,85 @@ impl Default for FeatureFlags {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// Seed compatibility: a secret used to derive keys where no key file is configured.
+    /// A PEM (PKCS#8) Ed25519 private key that signs access tokens.
+    pub signing_key_file: Option<PathBuf>,
+    /// PEM Ed25519 keys (public or private) whose tokens are still accepted: the previous
+    /// signing keys during a rotation.
+    pub verification_key_files: Vec<PathBuf>,
+    /// Seed compatibility: without `signing_key_file`, the signing key is derived from this
+    /// secret (so every replica derives the same key). Without either, a key is generated into
+    /// `database.data_dir`.
     pub secret_key: Option<SecretString>,
     /// Lifetime of access tokens, in minutes.
     pub access_token_expire_minutes: u32,
+    /// Lifetime of refresh tokens (and of a login session), in days.
+    pub refresh_token_expire_days: u32,
+    /// Minimum password length, in characters.
+    pub password_min_length: usize,
+    /// Password hashing cost.
+    pub argon2: Argon2Settings,
+    /// Lockout after repeated failed logins.
+    pub lockout: LockoutSettings,
 }
 
 impl Default for AuthSettings {
     fn default() -> Self {
-        Self { secret_key: None, access_token_expire_minutes: 15 }
+        Self {
+            signing_key_file: None,
+            verification_key_files: Vec::new(),
+            secret_key: None,
+            access_token_expire_minutes: 15,
+            refresh_token_expire_days: 30,
+            password_min_length: 12,
+            argon2: Argon2Settings::default(),
+            lockout: LockoutSettings::default(),
+        }
+    }
+}
+
+/// Argon2id cost; the defaults are OWASP's recommended minimum (19 MiB, 2 passes, 1 lane).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Argon2Settings {
+    /// Memory per hash, in KiB.
+    pub memory_kib: u32,
+    /// Passes over the memory.
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl Default for Argon2Settings {
+    fn default() -> Self {
+        Self { memory_kib: 19_456, iterations: 2, parallelism: 1 }
+    }
+}
+
+/// Lockout after repeated failed logins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockoutSettings {
+    /// Failed logins of one account within `window` that lock it.
+    pub max_failures: u32,
+    /// Failed logins from one client address within `window` that lock the address. Higher
+    /// than per account: many people can share one address (offices, NAT).
+    pub max_failures_per_address: u32,
+    /// The window failures are counted in.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long a lock lasts.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+}
+
+impl Default for LockoutSettings {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            max_failures_per_address: 20,
+            window: Duration::from_secs(15 * 60),
+            duration: Duration::from_secs(15 * 60),
+        }
     }
 }
 
@@ -671,6 +741,26 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "auth.access_token_expire_minutes",
                 message: "must be at least 1".into(),
+            });
+        }
+        if self.auth.refresh_token_expire_days == 0 {
+            return Err(ConfigError::Invalid {
+                key: "auth.refresh_token_expire_days",
+                message: "must be at least 1".into(),
+            });
+        }
+        let argon2 = &self.auth.argon2;
+        if argon2.iterations == 0 || argon2.parallelism == 0 || argon2.memory_kib < 8 * argon2.parallelism {
+            return Err(ConfigError::Invalid {
+                key: "auth.argon2",
+                message: "memory_kib must be at least 8 × parallelism; iterations and parallelism at least 1"
+                    .into(),
+            });
+        }
+        if self.auth.lockout.max_failures == 0 || self.auth.lockout.max_failures_per_address == 0 {
+            return Err(ConfigError::Invalid {
+                key: "auth.lockout",
+                message: "limits must be at least 1".into(),
             });
         }
         Ok(())

@@ -7,7 +7,9 @@
 //! - [`error`]: the one domain-error → `tonic::Status` mapping, with field details.
 //! - [`health`], [`metrics`], [`http`]: the pieces the server is made of.
 //! - [`client`]: channels to the other services.
+//! - [`auth`]: roles and permissions, access-token verification, the auth layer.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -8,8 +8,9 @@
 //! HttpEndpoints               GET /health (JSON), GET /metrics (Prometheus)
 //!  └ edge                     (the gateway: CORS, grpc-web)
 //!     └ ObserveLayer          server span from `traceparent`, csp_grpc_* metrics
-//!        └ concurrency        at most `server.concurrency_limit` calls at once
-//!           └ routes          the services, grpc.health.v1, reflection v1 + v1alpha
+//!        └ AuthLayer          bearer token → Principal in the request (when configured)
+//!           └ concurrency     at most `server.concurrency_limit` calls at once
+//!              └ routes       the services, grpc.health.v1, reflection v1 + v1alpha
 //! ```
 //!
 //! Every call also gets `server.request_timeout` as its deadline unless the client sent a
@@ -45,9 +46,12 @@ use tonic::{
     service::{Routes, RoutesBuilder},
     transport::server::TcpIncoming,
 };
-use tower::{Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, util::BoxCloneSyncService};
+use tower::{
+    Layer as _, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, util::BoxCloneSyncService,
+};
 
 use crate::{
+    auth::AuthLayer,
     config::{ServerSettings, Settings},
     health::{Dependencies, HealthReport, ServerHealth},
     http::HttpEndpointsLayer,
@@ -101,6 +105,7 @@ pub struct GrpcServer {
     reflected: Option<Vec<&'static str>>,
     health: ServerHealth,
     report: Option<Arc<dyn HealthReport>>,
+    auth: Option<AuthLayer>,
 }
 
 impl GrpcServer {
@@ -123,6 +128,7 @@ impl GrpcServer {
             reflected: None,
             health: ServerHealth::new(name, reporter),
             report: None,
+            auth: None,
         })
     }
 
@@ -169,6 +175,12 @@ impl GrpcServer {
         self
     }
 
+    /// Verify the bearer token of every call with `auth` (see [`crate::auth`]).
+    pub fn with_auth(mut self, auth: AuthLayer) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
     /// The server's health: its reporter drives `grpc.health.v1`.
     pub fn health(&self) -> ServerHealth {
         self.health.clone()
@@ -200,6 +212,7 @@ impl GrpcServer {
             reflected,
             health,
             report,
+            auth,
         } = self;
         health.refresh().await;
         let monitor = tokio::spawn(health.clone().monitor(settings.health_check_interval));
@@ -212,12 +225,12 @@ impl GrpcServer {
         let inner = routes_service(routes.routes().prepare());
 
         let report: Arc<dyn HealthReport> = report.unwrap_or_else(|| Arc::new(health.clone()));
-        let observed = BoxCloneSyncService::new(
-            ServiceBuilder::new()
-                .layer(ObserveLayer::new(name))
-                .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
-                .service(inner),
-        );
+        let limited = GlobalConcurrencyLimitLayer::new(settings.concurrency_limit).layer(inner);
+        let authenticated: HttpService = match auth {
+            Some(auth) => BoxCloneSyncService::new(auth.layer(limited)),
+            None => BoxCloneSyncService::new(limited),
+        };
+        let observed = BoxCloneSyncService::new(ObserveLayer::new(name).layer(authenticated));
         let service =
             ServiceBuilder::new().layer(HttpEndpointsLayer::new(report, metrics)).service(edge(observed));
 

@@ -10,8 +10,15 @@
 //!   missing URLs fail the test instead of skipping it.
 //!
 //! Teardown drops the database and deletes the keys, also when the body panics.
+//!
+//! [`TestIssuer`] stands in for the auth service's keys, so services can be tested with real
+//! access tokens.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod issuer;
+
+pub use issuer::{TEST_KID, TestIssuer, authed};
 
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc};
 

@@ -13,7 +13,10 @@
 use std::{future::Future, net::SocketAddr};
 
 use csp_bus::SharedBus;
-use csp_platform::{GrpcServer, ServerError, Service, Settings, health::Dependencies, server::bind};
+use csp_platform::{
+    GrpcServer, ServerError, Service, Settings, auth::AuthLayer, config::ConfigError, health::Dependencies,
+    server::bind,
+};
 use csp_proto::collab::v1::collaboration_service_server::CollaborationServiceServer;
 use csp_store::StoreError;
 use tokio::net::TcpListener;
@@ -34,6 +37,9 @@ pub enum Error {
     /// The server failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The settings are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// The service, bound and ready to serve.
@@ -59,8 +65,10 @@ impl Application {
         let api = CollaborationServiceServer::new(grpc::CollabApi)
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
+        let verifier = csp_bus::revocations::remote_verifier(settings, bus.clone())?;
         let server = GrpcServer::new(SERVICE.name(), listener, settings)?
             .with_dependencies(Dependencies::new().with(db.probe()).with(csp_bus::probe(bus)))
+            .with_auth(AuthLayer::optional(verifier))
             .add_service(InterceptedService::new(
                 api,
                 csp_platform::error::feature_gate("collaboration", settings.features.collaboration),

@@ -10,7 +10,10 @@
 use std::{future::Future, net::SocketAddr};
 
 use csp_bus::SharedBus;
-use csp_platform::{GrpcServer, ServerError, Service, Settings, health::Dependencies, server::bind};
+use csp_platform::{
+    GrpcServer, ServerError, Service, Settings, auth::AuthLayer, config::ConfigError, health::Dependencies,
+    server::bind,
+};
 use csp_proto::registry::v1::registry_service_server::RegistryServiceServer;
 use csp_store::StoreError;
 use tokio::net::TcpListener;
@@ -30,6 +33,9 @@ pub enum Error {
     /// The server failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The settings are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// The service, bound and ready to serve.
@@ -55,8 +61,10 @@ impl Application {
         let api = RegistryServiceServer::new(grpc::RegistryApi)
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
+        let verifier = csp_bus::revocations::remote_verifier(settings, bus.clone())?;
         let server = GrpcServer::new(SERVICE.name(), listener, settings)?
             .with_dependencies(Dependencies::new().with(db.probe()).with(csp_bus::probe(bus)))
+            .with_auth(AuthLayer::optional(verifier))
             .add_service(api);
         Ok(Self { server })
     }
