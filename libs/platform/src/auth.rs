@@ -697,7 +697,122 @@ pub fn require<T>(request: &tonic::Request<T>, permission: Permission) -> Result
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey as _};
+
     use super::*;
+
+    /// Publishes whatever keys the test sets, counting fetches.
+    struct Rotating {
+        keys: Mutex<Vec<(String, SigningKey)>>,
+        fetches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl KeySource for Rotating {
+        async fn fetch(&self) -> Result<Vec<PublicKey>, String> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(lock(&self.keys)
+                .iter()
+                .map(|(kid, k)| PublicKey {
+                    kid: kid.clone(),
+                    x: URL_SAFE_NO_PAD.encode(k.verifying_key().as_bytes()),
+                })
+                .collect())
+        }
+    }
+
+    fn token(key: &SigningKey, kid: &str) -> String {
+        let now = now_seconds();
+        let claims = Claims {
+            iss: TOKEN_ISSUER.into(),
+            aud: TOKEN_AUDIENCE.into(),
+            sub: "u".into(),
+            name: "u".into(),
+            roles: vec![Role::Viewer],
+            iat: now,
+            iat_ms: now * 1000,
+            nbf: now,
+            exp: now + 60,
+            jti: kid.into(),
+        };
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        let der = key.to_pkcs8_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ed_der(&der))
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn rotations_are_picked_up_and_unknown_kids_cannot_hammer_the_source() {
+        let old = SigningKey::from_bytes(&[1; 32]);
+        let new = SigningKey::from_bytes(&[2; 32]);
+        let source = Arc::new(Rotating {
+            keys: Mutex::new(vec![("old".into(), old.clone())]),
+            fetches: AtomicUsize::new(0),
+        });
+        let verifier = Verifier::new(source.clone());
+        assert!(verifier.verify(&token(&old, "old")).await.is_ok());
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+
+        // The issuer rotates; the first token with the new kid triggers one fetch... but the
+        // last fetch was just now, so the throttle holds it back — until it expires.
+        lock(&source.keys).push(("new".into(), new.clone()));
+        *verifier.inner.fetch.lock().await = Some(Instant::now() - REFETCH_INTERVAL);
+        assert!(verifier.verify(&token(&new, "new")).await.is_ok());
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
+
+        // A flood of made-up kids costs no further fetch within the interval.
+        let stranger = SigningKey::from_bytes(&[3; 32]);
+        for i in 0..50 {
+            assert_eq!(
+                verifier.verify(&token(&stranger, &format!("fake-{i}"))).await,
+                Err(AuthError::UnknownKey)
+            );
+        }
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn revocations_apply_to_tokens_issued_before_them_even_when_cached() {
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let source = Arc::new(Rotating {
+            keys: Mutex::new(vec![("k".into(), key.clone())]),
+            fetches: AtomicUsize::new(0),
+        });
+        let verifier = Verifier::new(source);
+        let before = token(&key, "k");
+        assert!(verifier.verify(&before).await.is_ok());
+        verifier.revoke("u", now_millis() + 1);
+        assert_eq!(
+            verifier.verify(&before).await,
+            Err(AuthError::Revoked),
+            "the cached verdict is rechecked"
+        );
+        // A token issued after the revocation is fine.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = now_millis();
+        let claims = Claims {
+            iss: TOKEN_ISSUER.into(),
+            aud: TOKEN_AUDIENCE.into(),
+            sub: "u".into(),
+            name: "u".into(),
+            roles: vec![],
+            iat: now / 1000,
+            iat_ms: now,
+            nbf: now / 1000,
+            exp: now / 1000 + 60,
+            jti: "after".into(),
+        };
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some("k".into());
+        let der = key.to_pkcs8_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+        let after = jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ed_der(&der))
+            .unwrap_or_default();
+        assert!(verifier.verify(&after).await.is_ok());
+    }
 
     #[test]
     fn roles_grant_what_the_table_says() {
