@@ -92,6 +92,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// AI providers.
     pub ai: AiSettings,
+    /// The component registry.
+    pub registry: RegistrySettings,
 }
 
 impl Default for Settings {
@@ -109,6 +111,7 @@ impl Default for Settings {
             features: FeatureFlags::default(),
             auth: AuthSettings::default(),
             ai: AiSettings::default(),
+            registry: RegistrySettings::default(),
         }
     }
 }
@@ -572,6 +575,24 @@ impl Default for LockoutSettings {
             window: Duration::from_secs(15 * 60),
             duration: Duration::from_secs(15 * 60),
         }
+    }
+}
+
+/// The component registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// How often remote components' endpoints are health-checked.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    /// How long a remote component may take to answer a health check.
+    #[serde(with = "humantime_serde")]
+    pub health_check_timeout: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self { health_check_interval: Duration::from_secs(15), health_check_timeout: Duration::from_secs(3) }
     }
 }
 

@@ -8,6 +8,8 @@
 
 #![allow(unreachable_pub, clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod json;
+
 /// `csp.auth.v1`: users, tokens, roles.
 pub mod auth {
     /// Version 1.

@@ -145,30 +145,7 @@ fn audit_to_pb(event: AuditView) -> pb::AuditEvent {
         actor_id: event.actor_id.unwrap_or_default(),
         subject_id: event.subject_id.unwrap_or_default(),
         client_address: event.client_address,
-        details: Some(json_to_struct(event.details)),
-    }
-}
-
-fn json_to_struct(value: serde_json::Value) -> prost_types::Struct {
-    fn convert(value: serde_json::Value) -> prost_types::Value {
-        use prost_types::value::Kind;
-        let kind = match value {
-            serde_json::Value::Null => Kind::NullValue(0),
-            serde_json::Value::Bool(b) => Kind::BoolValue(b),
-            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-            serde_json::Value::String(s) => Kind::StringValue(s),
-            serde_json::Value::Array(items) => {
-                Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(convert).collect() })
-            }
-            serde_json::Value::Object(map) => Kind::StructValue(prost_types::Struct {
-                fields: map.into_iter().map(|(k, v)| (k, convert(v))).collect(),
-            }),
-        };
-        prost_types::Value { kind: Some(kind) }
-    }
-    match convert(value).kind {
-        Some(prost_types::value::Kind::StructValue(s)) => s,
-        _ => prost_types::Struct::default(),
+        details: Some(csp_proto::json::to_struct(event.details)),
     }
 }
 

@@ -1,6 +1,19 @@
 //! The registry service: the catalogue of component types.
 //!
-//! Serves `csp.registry.v1.RegistryService`: ListComponentTypes, GetComponentType, ListCategories, ValidateConfig, CheckCompatibility, RegisterComponentType, UpdateComponentType, DeprecateComponentType.
+//! Serves `csp.registry.v1.RegistryService`: ListComponentTypes, GetComponentType,
+//! ListCategories, ValidateConfig, CheckCompatibility, RegisterComponentType,
+//! UpdateComponentType, DeprecateComponentType.
+//!
+//! - The built-in types come from `csp_components` (the code the executor runs) and are
+//!   written to the database at start-up; they cannot be registered over, updated or
+//!   deprecated.
+//! - Custom types are served by remote endpoints implementing
+//!   `csp.component.v1.ComponentRuntime`: registration checks the endpoint's health (and fills
+//!   in the ports it describes when none are given); afterwards it is checked every
+//!   `registry.health_check_interval` and listed as available or not.
+//! - Published versions are immutable; a new version must be greater than every published one.
+//! - Reads come from a catalogue in memory, reloaded after every write — on every replica,
+//!   through the bus stream `registry:changes`.
 //!
 //! Run it alone with `csp serve --target registry`: it listens on `services.registry.listen` and
 //! keeps its tables in the `registry` schema (PostgreSQL) or `<database.data_dir>/registry.db`
@@ -18,8 +31,13 @@ use csp_proto::registry::v1::registry_service_server::RegistryServiceServer;
 use csp_store::StoreError;
 use tokio::net::TcpListener;
 
+mod catalog;
+mod domain;
+mod entity;
+mod error;
 mod grpc;
 pub mod migration;
+mod remote;
 
 /// This service.
 pub const SERVICE: Service = Service::Registry;
@@ -36,6 +54,9 @@ pub enum Error {
     /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The catalogue could not be loaded.
+    #[error("loading the component catalogue: {0}")]
+    Catalog(#[from] error::Error),
 }
 
 /// The service, bound and ready to serve.
@@ -58,7 +79,11 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, Error> {
         let db = csp_store::open::<migration::Migrator>(settings, SERVICE).await?;
-        let api = RegistryServiceServer::new(grpc::RegistryApi)
+        let registry =
+            domain::Registry::new(db.conn().clone(), bus.clone(), settings.registry.clone()).await?;
+        tokio::spawn(registry.clone().follow_changes());
+        tokio::spawn(registry.clone().monitor_remotes());
+        let api = RegistryServiceServer::new(grpc::RegistryApi::new(registry))
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
         let verifier = csp_bus::revocations::remote_verifier(settings, bus.clone())?;

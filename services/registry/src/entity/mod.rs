@@ -1,0 +1,3 @@
+//! The registry schema's tables.
+
+pub(crate) mod component_type;
