@@ -365,10 +365,101 @@ async fn sessions_and_revocation_through_the_gateway(env: TestEnv) {
     registry.list_categories(call(&admin)).await.unwrap();
 }
 
+/// A new user's first design, through the gateway: create it, add three nodes and two
+/// connections, validate, export, and import the export as a copy.
+async fn a_first_design_through_the_gateway(env: TestEnv) {
+    use csp_proto::design::v1 as pb;
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let addr = csp.gateway;
+    let admin = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
+    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
+    let request = csp_proto::auth::v1::CreateUserRequest {
+        username: "erin".into(),
+        email: "erin@example.com".into(),
+        password: "correct horse battery staple".into(),
+        roles: vec![csp_proto::auth::v1::Role::Designer as i32],
+        ..Default::default()
+    };
+    auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap();
+    let token =
+        login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token;
+    let mut designs = pb::design_service_client::DesignServiceClient::new(channel(addr).await);
+
+    let request = pb::CreateDesignRequest { name: "Greeting".into(), ..Default::default() };
+    let design = designs
+        .create_design(csp_testkit::authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .design
+        .unwrap();
+    assert_eq!(design.revision, 1);
+    let node = |id: &str, type_id: &str, config: serde_json::Value| pb::AddNodeRequest {
+        design_id: design.id.clone(),
+        expected_revision: 0,
+        node: Some(pb::Node {
+            id: id.into(),
+            r#type: type_id.into(),
+            config: Some(csp_proto::json::to_struct(config)),
+            ..Default::default()
+        }),
+    };
+    let mut revision = design.revision;
+    for (id, type_id, config) in [
+        ("hello", "source.constant", serde_json::json!({ "value": { "name": "world" } })),
+        ("greet", "transform.template", serde_json::json!({ "template": "Hello, {{ name }}!" })),
+        ("show", "sink.log", serde_json::json!({})),
+    ] {
+        let request = pb::AddNodeRequest { expected_revision: revision, ..node(id, type_id, config) };
+        revision =
+            designs.add_node(csp_testkit::authed(request, &token)).await.unwrap().into_inner().revision;
+    }
+    for (id, from, to) in [("c1", "hello", "greet"), ("c2", "greet", "show")] {
+        let request = pb::AddConnectionRequest {
+            design_id: design.id.clone(),
+            expected_revision: revision,
+            connection: Some(pb::Connection {
+                id: id.into(),
+                from: Some(pb::PortAddress { node_id: from.into(), port: "out".into() }),
+                to: Some(pb::PortAddress { node_id: to.into(), port: "in".into() }),
+                ..Default::default()
+            }),
+        };
+        revision =
+            designs.add_connection(csp_testkit::authed(request, &token)).await.unwrap().into_inner().revision;
+    }
+    assert_eq!(revision, 6);
+
+    let request = pb::ValidateDesignRequest { design_id: design.id.clone(), revision: 0 };
+    let verdict = designs.validate_design(csp_testkit::authed(request, &token)).await.unwrap().into_inner();
+    assert!(verdict.valid && verdict.findings.is_empty(), "{:?}", verdict.findings);
+
+    let request = pb::ExportDesignRequest { design_id: design.id.clone(), revision: 0 };
+    let exported = designs.export_design(csp_testkit::authed(request, &token)).await.unwrap().into_inner();
+    assert_eq!(exported.format_version, 1);
+    let request =
+        pb::ImportDesignRequest { document: exported.document.clone(), name: "Greeting (copy)".into() };
+    let copy = designs
+        .import_design(csp_testkit::authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .design
+        .unwrap();
+    assert_eq!((copy.name.as_str(), copy.nodes.len(), copy.connections.len()), ("Greeting (copy)", 3, 2));
+    let request = pb::ListDesignsRequest::default();
+    let listed =
+        designs.list_designs(csp_testkit::authed(request, &token)).await.unwrap().into_inner().designs;
+    assert_eq!(listed.len(), 2);
+}
+
 csp_testkit::backend_tests!(
     the_whole_system_runs_and_stops_cleanly,
     migrate_prepares_every_service,
     sessions_and_revocation_through_the_gateway,
+    a_first_design_through_the_gateway,
 );
 
 /// Runs the binary to completion with a timeout.

@@ -6,6 +6,9 @@
 //!   signature is checked) and the same token again (the verifier's cache answers).
 //! - `login`: Login latency through gRPC at the configured argon2 cost (OWASP's minimum by
 //!   default), embedded default, p50 and p99.
+//! - `design`: GetDesign and ApplyOps per second through the gateway on designs of 200 nodes,
+//!   PostgreSQL + Redis (`CSP_BENCH_DATABASE_URL`, `CSP_BENCH_REDIS_URL`; the local servers by
+//!   default), each in a database and key prefix of its own, dropped afterwards.
 
 #![allow(clippy::print_stdout)]
 
@@ -19,7 +22,9 @@ use csp_platform::{
     auth::{Claims, Role, TOKEN_AUDIENCE, TOKEN_ISSUER, Verifier, now_millis},
 };
 
-const WORKLOADS: &[&str] = &["verify", "login"];
+mod design;
+
+const WORKLOADS: &[&str] = &["verify", "login", "design"];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         match name {
             "verify" => verify()?,
             "login" => login()?,
+            "design" => design::run()?,
             _ => unreachable!(),
         }
     }

@@ -94,6 +94,8 @@ pub struct Settings {
     pub ai: AiSettings,
     /// The component registry.
     pub registry: RegistrySettings,
+    /// The design service.
+    pub design: DesignSettings,
 }
 
 impl Default for Settings {
@@ -112,6 +114,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             ai: AiSettings::default(),
             registry: RegistrySettings::default(),
+            design: DesignSettings::default(),
         }
     }
 }
@@ -596,6 +599,39 @@ impl Default for RegistrySettings {
     }
 }
 
+/// The design service's limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DesignSettings {
+    /// Nodes per design.
+    pub max_nodes: usize,
+    /// Connections per design.
+    pub max_connections: usize,
+    /// Size of one node's configuration (or a design's metadata), as JSON, in bytes.
+    pub max_config_bytes: usize,
+    /// Length of a design's name, in characters.
+    pub max_name_chars: usize,
+    /// Size of an imported document, in bytes. A request is also bound by
+    /// `server.max_message_bytes` (and, through the gateway, `gateway.max_message_bytes`).
+    pub max_import_bytes: usize,
+    /// A full copy of the design is kept every this many revisions, so reading an old
+    /// revision replays at most this many edits.
+    pub snapshot_every: i64,
+}
+
+impl Default for DesignSettings {
+    fn default() -> Self {
+        Self {
+            max_nodes: 1000,
+            max_connections: 5000,
+            max_config_bytes: 64 * 1024,
+            max_name_chars: 200,
+            max_import_bytes: 4 * 1024 * 1024,
+            snapshot_every: 20,
+        }
+    }
+}
+
 /// AI providers.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -782,6 +818,30 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "auth.lockout",
                 message: "limits must be at least 1".into(),
+            });
+        }
+        let design = &self.design;
+        for (key, value) in [
+            ("design.max_nodes", design.max_nodes),
+            ("design.max_connections", design.max_connections),
+            ("design.max_name_chars", design.max_name_chars),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
+        for (key, value) in [
+            ("design.max_config_bytes", design.max_config_bytes),
+            ("design.max_import_bytes", design.max_import_bytes),
+        ] {
+            if value < 1024 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1024".into() });
+            }
+        }
+        if design.snapshot_every < 1 {
+            return Err(ConfigError::Invalid {
+                key: "design.snapshot_every",
+                message: "must be at least 1".into(),
             });
         }
         Ok(())

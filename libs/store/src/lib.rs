@@ -13,7 +13,10 @@ use csp_platform::{
     config::{ConfigError, DatabaseTarget},
     health::Probe,
 };
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::{
+    AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, IsolationLevel, Statement, TransactionTrait,
+};
 use sea_orm_migration::MigratorTrait;
 use secrecy::ExposeSecret;
 
@@ -99,6 +102,18 @@ impl Db {
     /// A health probe of this connection.
     pub fn probe(&self) -> Arc<dyn Probe> {
         Arc::new(DbProbe(self.clone()))
+    }
+}
+
+/// A read-only transaction whose reads all see one committed state: REPEATABLE READ on
+/// PostgreSQL (where each statement otherwise sees its own snapshot), a deferred transaction
+/// on SQLite (whose WAL readers keep the snapshot of their first read).
+pub async fn consistent_read(conn: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    match conn.get_database_backend() {
+        DbBackend::Postgres => {
+            conn.begin_with_config(Some(IsolationLevel::RepeatableRead), Some(AccessMode::ReadOnly)).await
+        }
+        _ => conn.begin().await,
     }
 }
 

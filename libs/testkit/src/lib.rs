@@ -99,6 +99,13 @@ impl TestEnv {
         else {
             return None;
         };
+        Some(Self::external_at(&database_url, &redis_url).await)
+    }
+
+    /// An environment with its own database on the PostgreSQL server at `database_url` and its
+    /// own key prefix on the Redis at `redis_url`. Call [`TestEnv::teardown`] when done.
+    pub async fn external_at(database_url: &str, redis_url: &str) -> TestEnv {
+        let (database_url, redis_url) = (database_url.to_owned(), redis_url.to_owned());
         let dir = tempfile::tempdir().unwrap();
         let id = uuid::Uuid::new_v4().simple().to_string();
 
@@ -127,7 +134,7 @@ impl TestEnv {
         settings.database.url = Some(SecretString::from(test_url.to_string()));
         settings.redis.url = Some(SecretString::from(redis_url));
         settings.redis.key_prefix = prefix;
-        Some(TestEnv {
+        TestEnv {
             inner: Arc::new(Inner {
                 backend: Backend::External,
                 settings,
@@ -136,10 +143,11 @@ impl TestEnv {
                 database: Some((name, database_url)),
                 _dir: dir,
             }),
-        })
+        }
     }
 
-    async fn teardown(self) {
+    /// Drops the environment's database and Redis keys.
+    pub async fn teardown(self) {
         if let Some(redis) = &self.inner.redis {
             let _ = redis.purge().await;
         }

@@ -2,6 +2,14 @@
 //!
 //! Serves `csp.design.v1.DesignService`: CreateDesign, GetDesign, ListDesigns, UpdateDesign, DeleteDesign, DuplicateDesign, AddNode, UpdateNode, RemoveNode, AddConnection, RemoveConnection, ApplyOps, ListRevisions, GetRevision, DiffRevisions, RestoreRevision, ValidateDesign, CheckDeadlock, ExportDesign, ImportDesign, ExportCspm, ShareDesign, UnshareDesign, TransferOwnership, CreateFromTemplate.
 //!
+//! - Every change goes through one commit pipeline (see `designs`): it takes the revision the
+//!   caller saw, answers FAILED_PRECONDITION with the current revision when it is stale, stores
+//!   the normalised ops as the next revision (with a full snapshot every
+//!   `design.snapshot_every` revisions, so an old revision costs at most that many replays) and
+//!   publishes a `csp.design.v1.DesignChange` on the bus stream `design:<id>`.
+//! - ValidateDesign asks the registry (`services.registry.address`) with the caller's token.
+//! - The export format is documented in this crate's README.
+//!
 //! Run it alone with `csp serve --target design`: it listens on `services.design.listen` and
 //! keeps its tables in the `design` schema (PostgreSQL) or `<database.data_dir>/design.db`
 //! (SQLite). Its health (`grpc.health.v1`, `GET /health`) follows its database and the event
@@ -18,8 +26,18 @@ use csp_proto::design::v1::design_service_server::DesignServiceServer;
 use csp_store::StoreError;
 use tokio::net::TcpListener;
 
+mod convert;
+mod designs;
+pub mod document;
+mod entity;
+mod error;
 mod grpc;
 pub mod migration;
+pub mod model;
+mod repo;
+mod validate;
+
+pub use designs::stream;
 
 /// This service.
 pub const SERVICE: Service = Service::Design;
@@ -58,7 +76,10 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, Error> {
         let db = csp_store::open::<migration::Migrator>(settings, SERVICE).await?;
-        let api = DesignServiceServer::new(grpc::DesignApi)
+        let registry = validate::RegistryClient::new(settings)?;
+        let designs =
+            designs::Designs::new(db.conn().clone(), bus.clone(), settings.design.clone(), registry);
+        let api = DesignServiceServer::new(grpc::DesignApi::new(std::sync::Arc::new(designs)))
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
         let verifier = csp_bus::revocations::remote_verifier(settings, bus.clone())?;

@@ -1,0 +1,8 @@
+//! The design schema's tables.
+
+pub(crate) mod connection;
+pub(crate) mod design;
+pub(crate) mod node;
+pub(crate) mod revision;
+pub(crate) mod share;
+pub(crate) mod snapshot;
