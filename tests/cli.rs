@@ -158,6 +158,25 @@ async fn list_services(addr: SocketAddr) -> Vec<String> {
     }
 }
 
+/// Whether reflection (v1alpha, as grpcurl 1.8 asks) describes `symbol`.
+async fn reflection_knows(addr: SocketAddr, symbol: &str) -> bool {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut client = ServerReflectionClient::new(channel(addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+    };
+    let mut responses =
+        client.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    matches!(
+        responses.next().await.unwrap().unwrap().message_response,
+        Some(MessageResponse::FileDescriptorResponse(files)) if !files.file_descriptor_proto.is_empty()
+    )
+}
+
 async fn serving(addr: SocketAddr, service: &str) -> ServingStatus {
     let mut client = HealthClient::new(channel(addr).await);
     let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap();
@@ -225,6 +244,10 @@ async fn the_whole_system_runs_and_stops_cleanly(env: TestEnv) {
     );
     expected.sort();
     assert_eq!(list_services(addr).await, expected);
+    // Error details decode in reflection clients.
+    for symbol in ["google.rpc.BadRequest", "google.rpc.ErrorInfo", "google.rpc.RetryInfo"] {
+        assert!(reflection_knows(addr, symbol).await, "{symbol}");
+    }
 
     for service in csp_proto::SERVICE_NAMES {
         let started = Instant::now();

@@ -22,6 +22,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(&files, [&proto_root])?;
     fs::write(out_dir.join("csp_descriptor.bin"), fds.encode_to_vec())?;
 
+    // The error details our statuses carry (tonic-types has their Rust types): described by
+    // reflection, so clients such as grpcurl can decode them.
+    let vendor = manifest_dir.join("vendor");
+    let details = vendor.join("google/rpc/error_details.proto");
+    println!("cargo:rerun-if-changed={}", details.display());
+    let rpc = protox::compile([&details], [&vendor])?;
+    fs::write(out_dir.join("google_rpc_descriptor.bin"), rpc.encode_to_vec())?;
+
     tonic_prost_build::configure()
         // RPCs that a later change fills in answer UNIMPLEMENTED instead of failing to compile.
         .generate_default_stubs(true)

@@ -364,6 +364,7 @@ fn add_reflection(routes: &mut RoutesBuilder, services: &[&'static str]) -> Resu
         let mut builder = tonic_reflection::server::Builder::configure()
             .include_reflection_service(false)
             .register_encoded_file_descriptor_set(csp_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(csp_proto::ERROR_DETAILS_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)

@@ -69,6 +69,11 @@ pub mod component {
 /// Encoded `FileDescriptorSet` of every `.proto` under `proto/` (with their imports).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("csp_descriptor");
 
+/// Encoded `FileDescriptorSet` of `google/rpc/error_details.proto` (`BadRequest`, `ErrorInfo`,
+/// `RetryInfo`, ...), the details error statuses carry; served by reflection so that clients
+/// can decode them.
+pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("google_rpc_descriptor");
+
 /// The fully-qualified names of the six API services, in a stable order.
 pub const SERVICE_NAMES: [&str; 6] = [
     "csp.auth.v1.AuthService",
