@@ -8,7 +8,10 @@
 //! The committed ops are stored as the revision and published on the bus stream
 //! `design:<id>` after the transaction commits.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use csp_components::compat::Verdict;
+use futures::{StreamExt as _, stream};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, SubsecRound as _, Utc};
@@ -24,7 +27,7 @@ use crate::{
     error::Error,
     model::{self, Document, Meta, Op, Rules},
     repo::{self, Filter},
-    validate::RegistryClient,
+    validate::{Credentials, Pairing, PortPair, RegistryClient, mismatch},
 };
 
 /// Events kept per design stream; collaborators further behind re-read the design.
@@ -469,10 +472,13 @@ impl Designs {
         self.finish(p, pending, after, ops, summary, false).await
     }
 
-    /// Applies a batch of ops; `fields[i]` is where op `i` sits in the request.
+    /// Applies a batch of ops, each with the request field it sits in. New connections are
+    /// first checked against the registry (with the caller's credentials): a port the node's
+    /// type does not have, or an output whose messages the input refuses, is refused.
     pub(crate) async fn apply(
         &self,
         p: &Principal,
+        credentials: &Credentials,
         id: &str,
         expected: i64,
         ops: Vec<(String, Op)>,
@@ -480,7 +486,82 @@ impl Designs {
         if ops.is_empty() {
             return Err(Error::field("ops", "must hold at least one edit"));
         }
+        if ops.iter().any(|(_, op)| matches!(op, Op::AddConnection { .. })) {
+            self.check_connections(p, credentials, id, expected, &ops).await?;
+        }
         self.commit(p, id, expected, None, |document, rules| apply_all(document, rules, ops)).await
+    }
+
+    /// Checks the connections a batch adds, on the document the batch would produce. Runs
+    /// before the commit, so no registry call is made under the design's lock; the commit
+    /// re-checks the revision, so the checked document is the one committed.
+    async fn check_connections(
+        &self,
+        p: &Principal,
+        credentials: &Credentials,
+        id: &str,
+        expected: i64,
+        ops: &[(String, Op)],
+    ) -> Result<(), Error> {
+        let current = self.get(p, id).await?;
+        if current.access < Access::Editor {
+            return Err(Error::Forbidden(format!(
+                "you are a {} of this design and cannot change it",
+                current.access.as_str()
+            )));
+        }
+        if expected > 0 && current.revision != expected {
+            return Err(Error::Stale { expected, current: current.revision });
+        }
+        let mut document = current.document;
+        apply_all(&mut document, &self.rules(), ops.to_vec())?;
+        let port = |node_id: &str, port: &str| {
+            let node = document.nodes.get(node_id)?;
+            Some((node.type_id.clone(), node.type_version.clone(), port.to_owned()))
+        };
+        let added: Vec<(&String, &model::Connection, PortPair)> = ops
+            .iter()
+            .filter_map(|(field, op)| match op {
+                Op::AddConnection { connection } => Some((field, connection)),
+                _ => None,
+            })
+            .filter_map(|(field, c)| {
+                // Ids are assigned on apply: find the connection by its ends.
+                let stored = document.connections.values().find(|s| s.from == c.from && s.to == c.to)?;
+                Some((
+                    field,
+                    stored,
+                    (port(&c.from.node_id, &c.from.port)?, port(&c.to.node_id, &c.to.port)?),
+                ))
+            })
+            .collect();
+        let pairs: BTreeSet<PortPair> = added.iter().map(|(_, _, pair)| pair.clone()).collect();
+        let verdicts: HashMap<PortPair, Pairing> = stream::iter(pairs)
+            .map(|pair| async move {
+                let verdict = self.registry.compatibility(&pair, credentials).await?;
+                Ok::<_, Error>((pair, verdict))
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let mut violations = Vec::new();
+        for (field, c, pair) in added {
+            match verdicts.get(&pair) {
+                Some(Pairing::UnknownPort(ports)) => {
+                    for (end, why) in ports {
+                        violations.push(FieldViolation::new(format!("{field}.{end}"), why.clone()));
+                    }
+                }
+                Some(Pairing::Known(Verdict::Incompatible { pointer, reason })) => {
+                    violations
+                        .push(FieldViolation::new(format!("{field}.to.port"), mismatch(c, pointer, reason)));
+                }
+                _ => {}
+            }
+        }
+        if violations.is_empty() { Ok(()) } else { Err(Error::fields(violations)) }
     }
 
     async fn publish(

@@ -186,10 +186,13 @@ impl DesignService for DesignApi {
         request: Request<pb::UpdateDesignRequest>,
     ) -> Result<Response<pb::UpdateDesignResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let op = convert::update_design_from_pb(required(r.update, "update")?);
-        let committed =
-            self.designs.apply(&p, &r.design_id, r.expected_revision, vec![("update".into(), op)]).await?;
+        let committed = self
+            .designs
+            .apply(&p, &credentials, &r.design_id, r.expected_revision, vec![("update".into(), op)])
+            .await?;
         Ok(Response::new(pb::UpdateDesignResponse { design: Some(design_to_pb(&committed.design)) }))
     }
 
@@ -221,11 +224,18 @@ impl DesignService for DesignApi {
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::AddNodeResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let node = convert::node_from_pb(required(r.node, "node")?);
         let committed = self
             .designs
-            .apply(&p, &r.design_id, r.expected_revision, vec![("node".into(), Op::AddNode { node })])
+            .apply(
+                &p,
+                &credentials,
+                &r.design_id,
+                r.expected_revision,
+                vec![("node".into(), Op::AddNode { node })],
+            )
             .await?;
         let node = committed.ops.iter().find_map(|op| match op {
             Op::AddNode { node } => Some(node_to_pb(node)),
@@ -240,12 +250,15 @@ impl DesignService for DesignApi {
         request: Request<pb::UpdateNodeRequest>,
     ) -> Result<Response<pb::UpdateNodeResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let update = required(r.update, "update")?;
         let node_id = update.node_id.clone();
         let op = convert::update_node_from_pb(update);
-        let committed =
-            self.designs.apply(&p, &r.design_id, r.expected_revision, vec![("update".into(), op)]).await?;
+        let committed = self
+            .designs
+            .apply(&p, &credentials, &r.design_id, r.expected_revision, vec![("update".into(), op)])
+            .await?;
         let node = committed.design.document.nodes.get(&node_id).map(node_to_pb);
         Ok(Response::new(pb::UpdateNodeResponse { node, revision: committed.design.revision }))
     }
@@ -256,10 +269,13 @@ impl DesignService for DesignApi {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let op = Op::RemoveNode { node_id: r.node_id };
-        let committed =
-            self.designs.apply(&p, &r.design_id, r.expected_revision, vec![(String::new(), op)]).await?;
+        let committed = self
+            .designs
+            .apply(&p, &credentials, &r.design_id, r.expected_revision, vec![(String::new(), op)])
+            .await?;
         let removed_connection_ids = committed
             .ops
             .iter()
@@ -280,12 +296,13 @@ impl DesignService for DesignApi {
         request: Request<pb::AddConnectionRequest>,
     ) -> Result<Response<pb::AddConnectionResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let connection = convert::connection_from_pb(required(r.connection, "connection")?);
         let op = Op::AddConnection { connection };
         let committed = self
             .designs
-            .apply(&p, &r.design_id, r.expected_revision, vec![("connection".into(), op)])
+            .apply(&p, &credentials, &r.design_id, r.expected_revision, vec![("connection".into(), op)])
             .await?;
         let connection = committed.ops.iter().find_map(|op| match op {
             Op::AddConnection { connection } => Some(convert::connection_to_pb(connection)),
@@ -300,10 +317,13 @@ impl DesignService for DesignApi {
         request: Request<pb::RemoveConnectionRequest>,
     ) -> Result<Response<pb::RemoveConnectionResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let op = Op::RemoveConnection { connection_id: r.connection_id };
-        let committed =
-            self.designs.apply(&p, &r.design_id, r.expected_revision, vec![(String::new(), op)]).await?;
+        let committed = self
+            .designs
+            .apply(&p, &credentials, &r.design_id, r.expected_revision, vec![(String::new(), op)])
+            .await?;
         Ok(Response::new(pb::RemoveConnectionResponse { revision: committed.design.revision }))
     }
 
@@ -313,6 +333,7 @@ impl DesignService for DesignApi {
         request: Request<pb::ApplyOpsRequest>,
     ) -> Result<Response<pb::ApplyOpsResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
         let mut ops = Vec::with_capacity(r.ops.len());
         let mut violations: Vec<FieldViolation> = Vec::new();
@@ -325,7 +346,7 @@ impl DesignService for DesignApi {
         if !violations.is_empty() {
             return Err(Error::fields(violations).into());
         }
-        let committed = self.designs.apply(&p, &r.design_id, r.expected_revision, ops).await?;
+        let committed = self.designs.apply(&p, &credentials, &r.design_id, r.expected_revision, ops).await?;
         Ok(Response::new(pb::ApplyOpsResponse {
             revision: committed.design.revision,
             ops: committed.ops.iter().map(op_to_pb).collect(),

@@ -7,7 +7,8 @@
 //!   the normalised ops as the next revision (with a full snapshot every
 //!   `design.snapshot_every` revisions, so an old revision costs at most that many replays) and
 //!   publishes a `csp.design.v1.DesignChange` on the bus stream `design:<id>`.
-//! - ValidateDesign asks the registry (`services.registry.address`) with the caller's token.
+//! - ValidateDesign, AddConnection and ApplyOps (for the connections they add) ask the
+//!   registry (`services.registry.address`) with the caller's token.
 //! - The export format is documented in this crate's README.
 //!
 //! Run it alone with `csp serve --target design`: it listens on `services.design.listen` and

@@ -34,6 +34,7 @@ use futures::{StreamExt as _, stream};
 use petgraph::{algo::tarjan_scc, graph::DiGraph};
 use serde_json::Value;
 use tonic::{Code, Request, Status, metadata::AsciiMetadataValue};
+use tonic_types::StatusExt as _;
 
 use crate::{
     designs::Designs,
@@ -180,32 +181,53 @@ impl RegistryClient {
             .map_err(registry_error)
     }
 
-    async fn compatibility(&self, pair: &PortPair, credentials: &Credentials) -> Result<Verdict, Error> {
+    /// Whether the output may feed the input, as the registry sees it.
+    pub(crate) async fn compatibility(
+        &self,
+        pair: &PortPair,
+        credentials: &Credentials,
+    ) -> Result<Pairing, Error> {
         let port = |(type_id, version, port): &(String, String, String)| reg::PortRef {
             r#type: type_id.clone(),
             version: version.clone(),
             port: port.clone(),
         };
         let message = reg::CheckCompatibilityRequest { from: Some(port(&pair.0)), to: Some(port(&pair.1)) };
-        let r = self
-            .client
-            .clone()
-            .check_compatibility(Self::request(message, credentials))
-            .await
-            .map_err(registry_error)?
-            .into_inner();
-        Ok(if !r.compatible {
+        let r = match self.client.clone().check_compatibility(Self::request(message, credentials)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == Code::NotFound => return Ok(Pairing::UnknownType),
+            Err(status) if status.code() == Code::InvalidArgument => {
+                let ports = status
+                    .get_details_bad_request()
+                    .map(|b| b.field_violations.into_iter().map(|v| (v.field, v.description)).collect())
+                    .unwrap_or_else(|| vec![(String::new(), status.message().to_owned())]);
+                return Ok(Pairing::UnknownPort(ports));
+            }
+            Err(status) => return Err(registry_error(status)),
+        };
+        Ok(Pairing::Known(if !r.compatible {
             Verdict::Incompatible { pointer: r.pointer, reason: r.reason }
         } else if r.checked_at_run_time {
             Verdict::Unchecked { pointer: r.pointer }
         } else {
             Verdict::Compatible
-        })
+        }))
     }
 }
 
+/// What the registry says about a pair of ports.
+#[derive(Debug, Clone)]
+pub(crate) enum Pairing {
+    /// Both ports exist; the verdict on their messages.
+    Known(Verdict),
+    /// A type (or version) the registry does not have.
+    UnknownType,
+    /// A port the type does not have: `(field, why)`, fields `from.port` or `to.port`.
+    UnknownPort(Vec<(String, String)>),
+}
+
 /// `(type, version, port)` of an output and an input.
-type PortPair = ((String, String, String), (String, String, String));
+pub(crate) type PortPair = ((String, String, String), (String, String, String));
 
 /// A port of a node, resolved for its configuration.
 #[derive(Debug, Clone)]
@@ -407,7 +429,7 @@ impl Designs {
                 checkable.push((c, pair));
             }
         }
-        let compat: HashMap<PortPair, Verdict> = stream::iter(pairs)
+        let compat: HashMap<PortPair, Pairing> = stream::iter(pairs)
             .map(|pair| async move {
                 let verdict = self.registry.compatibility(&pair, credentials).await?;
                 Ok::<_, Error>((pair, verdict))
@@ -417,24 +439,22 @@ impl Designs {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
-        let mut verdicts: Vec<(&Connection, Verdict)> =
-            checkable.into_iter().filter_map(|(c, pair)| compat.get(&pair).map(|v| (c, v.clone()))).collect();
+        let mut verdicts: Vec<(&Connection, Verdict)> = checkable
+            .into_iter()
+            .filter_map(|(c, pair)| match compat.get(&pair) {
+                Some(Pairing::Known(verdict)) => Some((c, verdict.clone())),
+                _ => None,
+            })
+            .collect();
         verdicts.extend(local.into_iter().map(|(c, out, input)| (c, compat::check(&out, &input))));
         for (c, verdict) in verdicts {
             if let Verdict::Incompatible { pointer, reason } = verdict {
-                let at = if pointer.is_empty() { String::new() } else { format!(" at `{pointer}`") };
                 findings.push(
-                    Finding::error(
-                        "port_type_mismatch",
-                        format!(
-                            "`{}.{}` may send messages `{}.{}` refuses{at}: {reason}",
-                            c.from.node_id, c.from.port, c.to.node_id, c.to.port
-                        ),
-                    )
-                    .connection(&c.id)
-                    .node(&c.to.node_id)
-                    .port(&c.to.port)
-                    .pointer(&pointer),
+                    Finding::error("port_type_mismatch", mismatch(c, &pointer, &reason))
+                        .connection(&c.id)
+                        .node(&c.to.node_id)
+                        .port(&c.to.port)
+                        .pointer(&pointer),
                 );
             }
         }
@@ -520,6 +540,15 @@ impl Designs {
         }
         Ok(())
     }
+}
+
+/// Why a connection's output may send what its input refuses.
+pub(crate) fn mismatch(c: &Connection, pointer: &str, reason: &str) -> String {
+    let at = if pointer.is_empty() { String::new() } else { format!(" at `{pointer}`") };
+    format!(
+        "`{}.{}` may send messages `{}.{}` refuses{at}: {reason}",
+        c.from.node_id, c.from.port, c.to.node_id, c.to.port
+    )
 }
 
 /// The designs a design's `design.call` nodes run, with their pinned revisions.

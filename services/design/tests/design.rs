@@ -674,6 +674,29 @@ fn maybe_authed<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
     }
 }
 
+/// An export-format document.
+fn document(
+    name: &str,
+    nodes: &[(&str, &str, serde_json::Value)],
+    connections: &[(&str, &str, &str, &str, &str)],
+) -> String {
+    json!({
+        "format": "csp-designer.design",
+        "format_version": 1,
+        "design": { "name": name },
+        "nodes": nodes.iter().map(|(id, t, config)| json!({ "id": id, "type": t, "config": config })).collect::<Vec<_>>(),
+        "connections": connections
+            .iter()
+            .map(|(id, from, out, to, input)| json!({
+                "id": id,
+                "from": { "node_id": from, "port": out },
+                "to": { "node_id": to, "port": input },
+            }))
+            .collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
 fn uuid_like() -> String {
     "0190c0de-0000-7000-8000-000000000000".into()
 }
@@ -726,38 +749,42 @@ async fn validation_finds_problems(env: TestEnv) {
     .await
     .unwrap();
 
-    let main = h.create(&alice, "Broken").await;
-    let ops = vec![
-        add_node("gen", "source.constant", json!({ "value": { "id": 1 } })),
-        add_node("batch", "control.batch", json!({ "size": 2 })),
-        add_node("call", "design.call", json!({ "design_id": sub.id })),
-        add_node("after_call", "sink.log", json!({})),
-        add_node("bad", "transform.map", json!({ "expression": ".a |" })),
-        add_node("log", "sink.log", json!({})),
-        add_node("ghost", "acme.nothing", json!({})),
-        add_node("lonely", "sink.log", json!({})),
-        add_node("stats", "metrics.stats", json!({})),
-        add_node("senti", "acme.sentiment", json!({})),
-        add_node("merge", "control.merge", json!({})),
-        add_node("split", "control.split", json!({})),
-        add_node("echo", "transform.map", json!({ "expression": "." })),
-        add_node("lost_call", "design.call", json!({ "design_id": uuid_like() })),
-        add_connection("k_gen_batch", "gen", "out", "batch", "in"),
-        add_connection("k_batch_call", "batch", "out", "call", "orders"),
-        add_connection("k_call_after", "call", "clean", "after_call", "in"),
-        add_connection("k_gen_bad", "gen", "out", "bad", "in"),
-        add_connection("k_gen_bad_again", "gen", "out", "bad", "in"),
-        add_connection("k_bad_log", "bad", "out", "log", "in"),
-        add_connection("k_wrong_port", "gen", "nope", "log", "in"),
-        add_connection("k_gen_stats", "gen", "out", "stats", "in"),
-        add_connection("k_stats_senti", "stats", "out", "senti", "in"),
-        add_connection("k_gen_merge", "gen", "out", "merge", "in"),
-        add_connection("k_merge_split", "merge", "out", "split", "in"),
-        add_connection("k_split_merge", "split", "out", "merge", "in"),
-        add_connection("k_gen_echo", "gen", "out", "echo", "in"),
-        add_connection("k_echo_echo", "echo", "out", "echo", "in"),
+    // Broken in every way the checks know. Edits refuse bad connections (see
+    // `connections_are_checked_as_they_are_drawn`), so it comes in as a document, as designs
+    // exported elsewhere or written by hand do.
+    let nodes = [
+        ("gen", "source.constant", json!({ "value": { "id": 1 } })),
+        ("batch", "control.batch", json!({ "size": 2 })),
+        ("call", "design.call", json!({ "design_id": sub.id })),
+        ("after_call", "sink.log", json!({})),
+        ("bad", "transform.map", json!({ "expression": ".a |" })),
+        ("log", "sink.log", json!({})),
+        ("ghost", "acme.nothing", json!({})),
+        ("lonely", "sink.log", json!({})),
+        ("stats", "metrics.stats", json!({})),
+        ("senti", "acme.sentiment", json!({})),
+        ("merge", "control.merge", json!({})),
+        ("split", "control.split", json!({})),
+        ("echo", "transform.map", json!({ "expression": "." })),
+        ("lost_call", "design.call", json!({ "design_id": uuid_like() })),
     ];
-    h.apply(&alice, &main.id, 1, ops).await.unwrap();
+    let connections = [
+        ("k_gen_batch", "gen", "out", "batch", "in"),
+        ("k_batch_call", "batch", "out", "call", "orders"),
+        ("k_call_after", "call", "clean", "after_call", "in"),
+        ("k_gen_bad", "gen", "out", "bad", "in"),
+        ("k_gen_bad_again", "gen", "out", "bad", "in"),
+        ("k_bad_log", "bad", "out", "log", "in"),
+        ("k_wrong_port", "gen", "nope", "log", "in"),
+        ("k_gen_stats", "gen", "out", "stats", "in"),
+        ("k_stats_senti", "stats", "out", "senti", "in"),
+        ("k_gen_merge", "gen", "out", "merge", "in"),
+        ("k_merge_split", "merge", "out", "split", "in"),
+        ("k_split_merge", "split", "out", "merge", "in"),
+        ("k_gen_echo", "gen", "out", "echo", "in"),
+        ("k_echo_echo", "echo", "out", "echo", "in"),
+    ];
+    let main = h.import(&alice, document("Broken", &nodes, &connections)).await.unwrap();
     let verdict = h.validate(&alice, &main.id).await.unwrap();
     assert!(!verdict.valid);
     let found: Vec<(String, String, String, String)> = verdict
@@ -838,19 +865,70 @@ async fn validation_finds_problems(env: TestEnv) {
 
     // Without the registry, validation says so instead of guessing.
     h.registry_stop.cancel();
-    let mut status = None;
-    for _ in 0..50 {
-        match h.validate(&alice, &clean.id).await {
-            Err(e) => {
-                status = Some(e);
-                break;
-            }
-            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-        }
-    }
-    let status = status.expect("validation fails once the registry is gone");
+    h.wait_for_registry_to_stop().await;
+    let status = h.validate(&alice, &clean.id).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("registry"));
+}
+
+/// Drawing a connection asks the registry: a port the type does not have, or messages the
+/// input refuses, are refused on the spot; unknown types are left to validation.
+async fn connections_are_checked_as_they_are_drawn(env: TestEnv) {
+    let h = start(&env, |_| {}).await;
+    let alice = h.designer("alice");
+    let _component = h.register_sentiment("acme.sentiment").await;
+    let design = h.create(&alice, "Drawing").await;
+    let nodes = vec![
+        add_node("gen", "source.constant", json!({ "value": { "text": "hi" } })),
+        add_node("stats", "metrics.stats", json!({})),
+        add_node("senti", "acme.sentiment", json!({})),
+        add_node("ghost", "acme.nothing", json!({})),
+    ];
+    let revision = h.apply(&alice, &design.id, 1, nodes).await.unwrap().revision;
+
+    let request = pb::AddConnectionRequest {
+        design_id: design.id.clone(),
+        expected_revision: revision,
+        connection: Some(connection("", "gen", "output", "senti", "in")),
+    };
+    let status = h.client.clone().add_connection(authed(request, &alice)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let v = violations(&status);
+    assert_eq!(v[0].0, "connection.from.port");
+    assert!(v[0].1.contains("`output` is not an output of source.constant"), "{v:?}");
+
+    let ops = vec![
+        add_connection("ok", "gen", "out", "senti", "in"),
+        add_connection("bad", "gen", "out", "stats", "in"),
+        {
+            let mut op = add_connection("", "stats", "out", "senti", "in");
+            if let Some(pb::op::Op::AddConnection(a)) = &mut op.op {
+                a.connection.as_mut().unwrap().id = "typed".into();
+            }
+            op
+        },
+    ];
+    let status = h.apply(&alice, &design.id, revision, ops).await.unwrap_err();
+    let v = violations(&status);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].0, "ops[2].add_connection.connection.to.port");
+    assert!(v[0].1.contains("`stats.out` may send messages `senti.in` refuses at `/text`"), "{v:?}");
+    assert_eq!(h.get(&alice, &design.id).await.unwrap().revision, revision, "nothing committed");
+
+    // Compatible and unknown-type connections go in.
+    let ops = vec![
+        add_connection("ok", "gen", "out", "senti", "in"),
+        add_connection("unknown", "gen", "out", "ghost", "in"),
+    ];
+    let revision = h.apply(&alice, &design.id, revision, ops).await.unwrap().revision;
+
+    // Without the registry a connection cannot be checked, so it is not drawn; other edits go on.
+    h.registry_stop.cancel();
+    h.wait_for_registry_to_stop().await;
+    let ops = vec![add_connection("later", "gen", "out", "stats", "in")];
+    let status = h.apply(&alice, &design.id, revision, ops).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    h.apply(&alice, &design.id, revision, vec![rename("Still editable")]).await.unwrap();
 }
 
 /// Templates, copies, listings, ownership transfer, deletion and limits, as users meet them.
@@ -1015,5 +1093,6 @@ csp_testkit::backend_tests!(
     hostile_imports_are_refused,
     authorization_matrix,
     validation_finds_problems,
+    connections_are_checked_as_they_are_drawn,
     designs_are_shared_copied_and_listed,
 );

@@ -130,6 +130,23 @@ impl Harness {
         Ok(self.client.clone().import_design(authed(request, token)).await?.into_inner().design.unwrap())
     }
 
+    /// Waits until the registry (stopped with `registry_stop`) no longer answers.
+    pub async fn wait_for_registry_to_stop(&self) {
+        let started = std::time::Instant::now();
+        let token = self.designer("probe");
+        loop {
+            let request = authed(reg::ListCategoriesRequest {}, &token);
+            let mut fresh = RegistryServiceClient::new(
+                Channel::from_shared(self.settings.services.registry.address.clone()).unwrap().connect_lazy(),
+            );
+            if fresh.list_categories(request).await.is_err() {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the registry did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Registers the test remote component `type_id` (typed ports, see [`Sentiment`]).
     pub async fn register_sentiment(&self, type_id: &str) -> CancellationToken {
         let stop = CancellationToken::new();
