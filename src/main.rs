@@ -90,6 +90,10 @@ fn parse_target(value: &str) -> Result<Target, String> {
     }
 }
 
+/// See the workspace's Cargo.toml: messages cross worker threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

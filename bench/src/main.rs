@@ -6,6 +6,7 @@
 //!   signature is checked) and the same token again (the verifier's cache answers).
 //! - `login`: Login latency through gRPC at the configured argon2 cost (OWASP's minimum by
 //!   default), embedded default, p50 and p99.
+//! - `chain10`, `fan`, `chain10jq`, `latency`: the runtime (see `runtime.rs`).
 //! - `design`: GetDesign and ApplyOps per second through the gateway on designs of 200 nodes,
 //!   PostgreSQL + Redis (`CSP_BENCH_DATABASE_URL`, `CSP_BENCH_REDIS_URL`; the local servers by
 //!   default), each in a database and key prefix of its own, dropped afterwards.
@@ -23,8 +24,13 @@ use csp_platform::{
 };
 
 mod design;
+mod runtime;
 
-const WORKLOADS: &[&str] = &["verify", "login", "design"];
+const WORKLOADS: &[&str] = &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency"];
+
+/// See the workspace's Cargo.toml: messages cross worker threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +46,10 @@ fn main() -> anyhow::Result<()> {
             "verify" => verify()?,
             "login" => login()?,
             "design" => design::run()?,
+            "chain10" => runtime::chain10()?,
+            "fan" => runtime::fan_workload()?,
+            "chain10jq" => runtime::chain10jq()?,
+            "latency" => runtime::latency()?,
             _ => unreachable!(),
         }
     }

@@ -66,15 +66,42 @@ fn position(code: &str, rest: &str) -> String {
 
 impl Filter {
     /// Runs the filter on a JSON value; every output, or the first error.
-    pub fn run(&self, input: serde_json::Value) -> Result<Vec<serde_json::Value>, String> {
-        let input: Val = serde_json::from_value(input).map_err(|e| format!("unreadable input: {e}"))?;
-        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
+    pub fn run(&self, input: &serde_json::Value) -> Result<Vec<serde_json::Value>, String> {
         let mut outputs = Vec::new();
+        self.each(input, |value| {
+            outputs.push(value);
+            true
+        })?;
+        Ok(outputs)
+    }
+
+    /// Runs the filter, handing each output to `f` until it returns `false`.
+    pub fn each(
+        &self,
+        input: &serde_json::Value,
+        mut f: impl FnMut(serde_json::Value) -> bool,
+    ) -> Result<(), String> {
+        use serde::Deserialize as _;
+        let input = Val::deserialize(input).map_err(|e| format!("unreadable input: {e}"))?;
+        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for output in self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr) {
             let value = output.map_err(|e| e.to_string())?;
-            outputs.push(to_json(&value));
+            if !f(to_json(&value)) {
+                break;
+            }
         }
-        Ok(outputs)
+        Ok(())
+    }
+
+    /// Whether the filter's first output is true (anything but `false` and `null`); no output
+    /// is false.
+    pub fn test(&self, input: &serde_json::Value) -> Result<bool, String> {
+        let mut verdict = false;
+        self.each(input, |value| {
+            verdict = !matches!(value, serde_json::Value::Null | serde_json::Value::Bool(false));
+            false
+        })?;
+        Ok(verdict)
     }
 }
 
@@ -122,10 +149,10 @@ mod tests {
     #[test]
     fn filters_compile_once_and_run() {
         let f = compile(".price * .qty").unwrap();
-        assert_eq!(f.run(json!({"price": 2.5, "qty": 4})).unwrap(), [json!(10.0)]);
+        assert_eq!(f.run(&json!({"price": 2.5, "qty": 4})).unwrap(), [json!(10.0)]);
         let each = compile(".[] | select(. > 1)").unwrap();
-        assert_eq!(each.run(json!([1, 2, 3])).unwrap(), [json!(2), json!(3)]);
-        assert_eq!(compile("map(.a) | add").unwrap().run(json!([{"a": 1}, {"a": 2}])).unwrap(), [json!(3)]);
+        assert_eq!(each.run(&json!([1, 2, 3])).unwrap(), [json!(2), json!(3)]);
+        assert_eq!(compile("map(.a) | add").unwrap().run(&json!([{"a": 1}, {"a": 2}])).unwrap(), [json!(3)]);
     }
 
     #[test]
@@ -138,7 +165,7 @@ mod tests {
     fn outputs_keep_their_shape() {
         let f = compile(r#"{a: 1, b: [true, null, "x", 1.5, 12345678901234]}"#).unwrap();
         assert_eq!(
-            f.run(json!(null)).unwrap(),
+            f.run(&json!(null)).unwrap(),
             [json!({"a": 1, "b": [true, null, "x", 1.5, 12345678901234_i64]})]
         );
     }

@@ -50,7 +50,8 @@ pub fn check_schema(schema: &Value) -> Result<(), String> {
     compiled(schema).map(|_| ())
 }
 
-fn compiled(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
+/// The compiled validator of a schema (cached by schema text).
+pub fn compiled(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
     static CACHE: Mutex<Option<HashMap<String, Arc<jsonschema::Validator>>>> = Mutex::new(None);
     let key = schema.to_string();
     let mut guard = match CACHE.lock() {
@@ -73,6 +74,17 @@ fn compiled(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
 pub fn validate(schema: &Value, value: &Value) -> Result<Value, Vec<Violation>> {
     let validator = compiled(schema)
         .map_err(|e| vec![Violation::rule("", format!("the schema itself is invalid: {e}"))])?;
+    let violations = violations(&validator, value);
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    let mut effective = value.clone();
+    fill_defaults(schema, &mut effective);
+    Ok(effective)
+}
+
+/// Every way `value` breaks the validator's schema, each with its JSON pointer.
+pub fn violations(validator: &jsonschema::Validator, value: &Value) -> Vec<Violation> {
     let mut violations = Vec::new();
     for error in validator.iter_errors(value) {
         let at = error.instance_path().as_str().to_owned();
@@ -98,12 +110,7 @@ pub fn validate(schema: &Value, value: &Value) -> Result<Value, Vec<Violation>> 
             _ => violations.push(Violation { pointer: at, message: error.to_string(), keyword }),
         }
     }
-    if !violations.is_empty() {
-        return Err(violations);
-    }
-    let mut effective = value.clone();
-    fill_defaults(schema, &mut effective);
-    Ok(effective)
+    violations
 }
 
 /// Adds the `default` of every absent property the schema declares, recursively.

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 mod grpc;
 pub mod migration;
+pub mod runtime;
 
 /// This service.
 pub const SERVICE: Service = Service::Executor;

@@ -1,0 +1,771 @@
+//! The runtime on its own: every built-in component, the error policies, cancellation,
+//! deadlocks, breakpoints, deadlines, recording and replay.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::HashMap, time::Duration};
+
+use csp_executor::runtime::{
+    Debugger, Ending, Network, OnError, Options, Outcome, Plan, PlanConnection, PlanNode, Policy, Services,
+};
+use csp_proto::{executor::v1 as pb, json as pbjson};
+use pb::execution_event::Kind as Event;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+fn plan(nodes: &[(&str, &str, Value)], connections: &[(&str, &str, &str, &str)]) -> Plan {
+    Plan {
+        nodes: nodes
+            .iter()
+            .map(|(id, t, config)| PlanNode {
+                id: (*id).into(),
+                type_id: (*t).into(),
+                config: config.clone(),
+                remote: None,
+            })
+            .collect(),
+        connections: connections
+            .iter()
+            .enumerate()
+            .map(|(i, (from, from_port, to, to_port))| PlanConnection {
+                id: format!("c{i}"),
+                from: (*from).into(),
+                from_port: (*from_port).into(),
+                to: (*to).into(),
+                to_port: (*to_port).into(),
+                capacity: 0,
+            })
+            .collect(),
+    }
+}
+
+struct Ran {
+    outcome: Outcome,
+    events: Vec<Event>,
+}
+
+impl Ran {
+    fn output(&self, node: &str) -> Vec<Value> {
+        self.outcome.outputs.get(node).cloned().unwrap_or_default()
+    }
+
+    fn node(&self, id: &str) -> pb::NodeSummary {
+        self.outcome.nodes.iter().find(|n| n.node_id == id).cloned().unwrap()
+    }
+}
+
+/// Builds and runs a plan; `control` gets the debugger and the cancel switch while it runs.
+async fn run_with<F, Fut>(plan: &Plan, options: Options, breakpoints: &[&str], control: F) -> Ran
+where
+    F: FnOnce(std::sync::Arc<Debugger>, CancellationToken, mpsc::UnboundedReceiver<Event>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Event>>,
+{
+    let (tx, mut rx) = mpsc::channel::<Event>(1024);
+    let (copy_tx, copy_rx) = mpsc::unbounded_channel();
+    let collector = tokio::spawn(async move {
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            let _ = copy_tx.send(event.clone());
+            events.push(event);
+        }
+        events
+    });
+    let debugger = Debugger::new(breakpoints.iter().map(|b| (*b).to_owned()));
+    let network = Network::build(plan, options, Services::default(), debugger.clone(), tx).unwrap();
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(network.run(cancel.clone()));
+    let seen_by_control = control(debugger, cancel, copy_rx).await;
+    let outcome =
+        tokio::time::timeout(Duration::from_secs(20), running).await.expect("the run ends").unwrap();
+    let mut events = collector.await.unwrap();
+    if events.is_empty() {
+        events = seen_by_control;
+    }
+    Ran { outcome, events }
+}
+
+async fn run(plan: &Plan, options: Options) -> Ran {
+    run_with(plan, options, &[], |_, _, _| async { Vec::new() }).await
+}
+
+/// One component between `source.input` nodes (one per input port) and `sink.output` nodes
+/// (one per output port).
+async fn through(type_id: &str, config: Value, inputs: &[(&str, Vec<Value>)], outputs: &[&str]) -> Ran {
+    let mut nodes = vec![("node", type_id, config)];
+    let mut connections = Vec::new();
+    let mut options = Options::default();
+    let input_ids: Vec<String> = inputs.iter().map(|(port, _)| format!("in_{port}")).collect();
+    let output_ids: Vec<String> = outputs.iter().map(|port| format!("out_{port}")).collect();
+    for ((port, messages), id) in inputs.iter().zip(&input_ids) {
+        nodes.push((id.as_str(), "source.input", json!({})));
+        connections.push((id.as_str(), "out", "node", *port));
+        options.inputs.insert(id.clone(), messages.clone());
+    }
+    for (port, id) in outputs.iter().zip(&output_ids) {
+        nodes.push((id.as_str(), "sink.output", json!({})));
+        connections.push(("node", *port, id.as_str(), "in"));
+    }
+    let ran = run(&plan(&nodes, &connections), options).await;
+    assert_eq!(ran.outcome.ending, Ending::Succeeded, "{type_id}: {:?}", ran.outcome.error);
+    ran
+}
+
+#[tokio::test]
+async fn transforms() {
+    let ran = through(
+        "transform.set",
+        json!({ "operations": [
+            { "op": "set", "path": "a.b", "value": 1 },
+            { "op": "rename", "path": "x", "to": "y" },
+            { "op": "delete", "path": "gone" },
+            { "op": "copy", "path": "a", "to": "c" },
+        ]}),
+        &[("in", vec![json!({ "x": 1, "gone": 2 })])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!({ "a": { "b": 1 }, "y": 1, "c": { "b": 1 } })]);
+
+    let ran = through(
+        "transform.map",
+        json!({ "expression": ".n * 2" }),
+        &[("in", vec![json!({ "n": 1 }), json!({ "n": 2 })])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!(2), json!(4)]);
+    let ran =
+        through("transform.map", json!({ "expression": ".[]" }), &[("in", vec![json!([7, 8])])], &["out"])
+            .await;
+    assert_eq!(ran.output("out_out"), [json!(7), json!(8)], "every result is sent");
+
+    let ran = through(
+        "transform.filter",
+        json!({ "expression": ".n > 1" }),
+        &[("in", vec![json!({ "n": 1 }), json!({ "n": 2 })])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!({ "n": 2 })]);
+
+    let numbers = vec![json!(1), json!(2), json!(3)];
+    let ran = through(
+        "transform.reduce",
+        json!({ "expression": ".acc + .item", "initial": 0 }),
+        &[("in", numbers.clone())],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!(6)]);
+    let ran = through(
+        "transform.reduce",
+        json!({ "expression": ".acc + .item", "initial": 0, "emit": "each" }),
+        &[("in", numbers)],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!(1), json!(3), json!(6)]);
+
+    let ran = through(
+        "transform.template",
+        json!({ "template": "Hello, {{ name }}!" }),
+        &[("in", vec![json!({ "name": "Ada" })])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!("Hello, Ada!")]);
+    let ran = through(
+        "transform.template",
+        json!({ "template": "#{{ message.id }}", "field": "label" }),
+        &[("in", vec![json!({ "id": 7 })])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!({ "id": 7, "label": "#7" })]);
+}
+
+#[tokio::test]
+async fn control() {
+    let config = json!({ "cases": [{ "port": "big", "expression": ".n > 10" }, { "port": "even", "expression": ".n % 2 == 0" }] });
+    let messages = vec![json!({ "n": 12 }), json!({ "n": 4 }), json!({ "n": 3 })];
+    let ran =
+        through("control.switch", config.clone(), &[("in", messages.clone())], &["big", "even", "default"])
+            .await;
+    assert_eq!(ran.output("out_big"), [json!({ "n": 12 })]);
+    assert_eq!(ran.output("out_even"), [json!({ "n": 4 })]);
+    assert_eq!(ran.output("out_default"), [json!({ "n": 3 })]);
+    let mut all = config;
+    all["mode"] = json!("all");
+    let ran = through("control.switch", all, &[("in", messages)], &["big", "even", "default"]).await;
+    assert_eq!(ran.output("out_even"), [json!({ "n": 12 }), json!({ "n": 4 })]);
+
+    let ran = through(
+        "control.split",
+        json!({ "path": "items" }),
+        &[("in", vec![json!({ "items": [1, 2] })])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!(1), json!(2)]);
+
+    let ran = through(
+        "control.join",
+        json!({ "inputs": ["left", "right"] }),
+        &[("left", vec![json!(1), json!(2)]), ("right", vec![json!("a"), json!("b"), json!("c")])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(
+        ran.output("out_out"),
+        [json!({ "left": 1, "right": "a" }), json!({ "left": 2, "right": "b" })]
+    );
+    let ran = through(
+        "control.join",
+        json!({ "inputs": ["a", "b"], "into": "array" }),
+        &[("a", vec![json!(1)]), ("b", vec![json!(2)])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!([1, 2])]);
+
+    let ran = through(
+        "control.alt",
+        json!({ "inputs": ["x", "y"] }),
+        &[("x", vec![json!(1)]), ("y", vec![json!(2)])],
+        &["out"],
+    )
+    .await;
+    let mut got = ran.output("out_out");
+    got.sort_by_key(|v| v["port"].as_str().unwrap().to_owned());
+    assert_eq!(got, [json!({ "port": "x", "message": 1 }), json!({ "port": "y", "message": 2 })]);
+    let ran = through(
+        "control.alt",
+        json!({ "inputs": ["x", "y"], "tag": false }),
+        &[("x", vec![json!(1)]), ("y", vec![json!(2)])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out").len(), 2);
+
+    let ran = through(
+        "control.batch",
+        json!({ "size": 2 }),
+        &[("in", vec![json!(1), json!(2), json!(3)])],
+        &["out"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out"), [json!([1, 2]), json!([3])]);
+
+    let started = std::time::Instant::now();
+    let ran =
+        through("control.delay", json!({ "delay_ms": 50 }), &[("in", vec![json!(1), json!(2)])], &["out"])
+            .await;
+    assert_eq!(ran.output("out_out"), [json!(1), json!(2)]);
+    assert!(started.elapsed() >= Duration::from_millis(50));
+
+    // Several connections into one port merge.
+    let p = plan(
+        &[
+            ("a", "source.constant", json!({ "value": "a", "count": 3 })),
+            ("b", "source.constant", json!({ "value": "b", "count": 2 })),
+            ("m", "control.merge", json!({})),
+            ("out", "sink.output", json!({})),
+        ],
+        &[("a", "out", "m", "in"), ("b", "out", "m", "in"), ("m", "out", "out", "in")],
+    );
+    let ran = run(&p, Options::default()).await;
+    let mut got = ran.output("out");
+    got.sort_by_key(|v| v.as_str().unwrap().to_owned());
+    assert_eq!(got, [json!("a"), json!("a"), json!("a"), json!("b"), json!("b")]);
+}
+
+#[tokio::test]
+async fn sources_sinks_checks_and_metrics() {
+    let p = plan(
+        &[
+            ("seq", "source.sequence", json!({ "start": 5, "count": 3, "step": 2, "field": "n" })),
+            ("k", "source.constant", json!({ "value": { "k": "a" }, "count": 2 })),
+            ("out", "sink.output", json!({ "limit": 2 })),
+            ("kout", "sink.output", json!({})),
+            ("log", "sink.log", json!({ "level": "warn", "message": "seen" })),
+        ],
+        &[("seq", "out", "out", "in"), ("k", "out", "kout", "in"), ("k", "out", "log", "in")],
+    );
+    let ran = run(&p, Options::default()).await;
+    assert_eq!(ran.output("out"), [json!({ "n": 5 }), json!({ "n": 7 })], "limit 2 keeps two");
+    assert_eq!(ran.outcome.received["out"], 3);
+    assert_eq!(ran.output("kout"), [json!({ "k": "a" }), json!({ "k": "a" })]);
+    let logs: Vec<&pb::LogLine> =
+        ran.events.iter().filter_map(|e| if let Event::Log(l) = e { Some(l) } else { None }).collect();
+    assert_eq!(logs.len(), 2);
+    assert_eq!((logs[0].level.as_str(), logs[0].node_id.as_str()), ("warn", "log"));
+    assert!(logs[0].message.starts_with("seen {"), "{}", logs[0].message);
+    let outputs = ran.events.iter().filter(|e| matches!(e, Event::Output(o) if o.node_id == "out")).count();
+    assert_eq!(outputs, 2, "an output event per kept message");
+
+    let ran = through(
+        "validate.json_schema",
+        json!({ "schema": { "type": "object", "required": ["id"] } }),
+        &[("in", vec![json!({ "id": 1 }), json!({ "name": "x" })])],
+        &["valid", "invalid"],
+    )
+    .await;
+    assert_eq!(ran.output("out_valid"), [json!({ "id": 1 })]);
+    let invalid = &ran.output("out_invalid")[0];
+    assert_eq!(invalid["message"], json!({ "name": "x" }));
+    assert_eq!(invalid["errors"][0]["pointer"], json!("/id"));
+
+    let ran = through(
+        "metrics.counter",
+        json!({ "name": "orders", "group_by": ".k" }),
+        &[("in", vec![json!({ "k": "a" }), json!({ "k": "b" }), json!({ "k": "a" })])],
+        &["out", "counts"],
+    )
+    .await;
+    assert_eq!(ran.output("out_out").len(), 3);
+    assert_eq!(ran.output("out_counts"), [json!({ "total": 3, "by_key": { "a": 2, "b": 1 } })]);
+
+    let ran =
+        through("metrics.stats", json!({}), &[("in", (1..=4).map(|n| json!(n)).collect())], &["out"]).await;
+    assert_eq!(
+        ran.output("out_out"),
+        [json!({ "count": 4, "sum": 10.0, "min": 1.0, "max": 4.0, "mean": 2.5, "p50": 2.0, "p99": 4.0 })]
+    );
+
+    // Metrics of each node.
+    let node = ran.node("node");
+    let metrics = node.metrics.unwrap();
+    assert_eq!((metrics.messages_in, metrics.messages_out), (4, 1));
+    assert_eq!(node.status, pb::NodeStatus::Completed as i32);
+}
+
+fn failing_map(on_error: OnError) -> (Plan, Options) {
+    let p = plan(
+        &[
+            ("in", "source.input", json!({})),
+            ("map", "transform.map", json!({ "expression": ".n + 1" })),
+            ("out", "sink.output", json!({})),
+            ("errors", "sink.output", json!({})),
+        ],
+        &[("in", "out", "map", "in"), ("map", "out", "out", "in"), ("map", "error", "errors", "in")],
+    );
+    let mut options = Options::default();
+    options.inputs.insert("in".into(), vec![json!({ "n": 1 }), json!({ "n": "x" }), json!({ "n": 3 })]);
+    options.policies.insert("map".into(), Policy { on_error, ..Policy::default() });
+    (p, options)
+}
+
+#[tokio::test]
+async fn error_policies() {
+    let (p, options) = failing_map(OnError::Fail);
+    let ran = run(&p, options).await;
+    assert_eq!(ran.outcome.ending, Ending::Failed);
+    let error = ran.outcome.error.clone().unwrap();
+    assert_eq!((error.code.as_str(), error.node_id.as_str()), ("node_failed", "map"));
+    assert!(error.message.contains(r#""x" + 1"#), "{}", error.message);
+    assert_eq!(ran.node("map").status, pb::NodeStatus::Failed as i32);
+
+    let (p, options) = failing_map(OnError::Skip);
+    let ran = run(&p, options).await;
+    assert_eq!(ran.outcome.ending, Ending::Succeeded);
+    assert_eq!(ran.output("out"), [json!(2), json!(4)]);
+    assert!(ran.output("errors").is_empty());
+    assert_eq!(ran.node("map").metrics.unwrap().errors, 1);
+    assert!(
+        ran.events
+            .iter()
+            .any(|e| matches!(e, Event::NodeError(n) if n.action == "skip" && n.node_id == "map"))
+    );
+
+    let (p, options) = failing_map(OnError::Route);
+    let ran = run(&p, options).await;
+    assert_eq!(ran.output("out"), [json!(2), json!(4)]);
+    let routed = ran.output("errors");
+    assert_eq!(routed.len(), 1);
+    assert_eq!(routed[0]["message"], json!({ "n": "x" }));
+    assert_eq!((routed[0]["node_id"].clone(), routed[0]["attempts"].clone()), (json!("map"), json!(1)));
+    assert!(routed[0]["error"].as_str().unwrap().contains(r#""x" + 1"#));
+
+    // AI nodes without the AI service fail with a reason.
+    let ran = through_failing("ai.chat", json!({}), json!("hi")).await;
+    assert!(ran.contains("no connection to the AI service"), "{ran}");
+}
+
+async fn through_failing(type_id: &str, config: Value, message: Value) -> String {
+    let p = plan(
+        &[("in", "source.input", json!({})), ("node", type_id, config), ("out", "sink.output", json!({}))],
+        &[("in", "out", "node", "in"), ("node", "out", "out", "in")],
+    );
+    let mut options = Options::default();
+    options.inputs.insert("in".into(), vec![message]);
+    let ran = run(&p, options).await;
+    assert_eq!(ran.outcome.ending, Ending::Failed);
+    ran.outcome.error.unwrap().message
+}
+
+#[tokio::test]
+async fn cancellation_stops_everything_promptly() {
+    let p = plan(
+        &[
+            ("seq", "source.sequence", json!({ "count": 1_000_000, "interval_ms": 1 })),
+            ("map", "transform.map", json!({ "expression": "." })),
+            ("out", "sink.output", json!({})),
+        ],
+        &[("seq", "out", "map", "in"), ("map", "out", "out", "in")],
+    );
+    let started = std::time::Instant::now();
+    let ran = run_with(&p, Options::default(), &[], |_, cancel, _| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cancel.cancel();
+        Vec::new()
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(ran.outcome.ending, Ending::Cancelled);
+    assert!(
+        ran.outcome.nodes.iter().all(|n| n.status == pb::NodeStatus::Cancelled as i32),
+        "{:?}",
+        ran.outcome.nodes
+    );
+    assert!(!ran.output("out").is_empty(), "it ran a while");
+}
+
+#[tokio::test]
+async fn a_deadline_fails_the_execution() {
+    let p = plan(
+        &[
+            ("k", "source.constant", json!({ "value": 1 })),
+            ("d", "control.delay", json!({ "delay_ms": 10_000 })),
+            ("out", "sink.output", json!({})),
+        ],
+        &[("k", "out", "d", "in"), ("d", "out", "out", "in")],
+    );
+    let ran = run(&p, Options { timeout: Duration::from_millis(200), ..Options::default() }).await;
+    assert_eq!(ran.outcome.ending, Ending::Failed);
+    assert_eq!(ran.outcome.error.unwrap().code, "timeout");
+}
+
+#[tokio::test]
+async fn a_cycle_that_cannot_buffer_deadlocks() {
+    // join waits for `right`, which only map can send, and map waits for join.
+    let p = plan(
+        &[
+            ("gen", "source.constant", json!({ "value": 1, "count": 100 })),
+            ("join", "control.join", json!({ "inputs": ["left", "right"] })),
+            ("map", "transform.map", json!({ "expression": "." })),
+            ("out", "sink.output", json!({})),
+        ],
+        &[
+            ("gen", "out", "join", "left"),
+            ("join", "out", "map", "in"),
+            ("map", "out", "join", "right"),
+            ("map", "out", "out", "in"),
+        ],
+    );
+    let started = std::time::Instant::now();
+    let ran = run(&p, Options::default()).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(ran.outcome.ending, Ending::Deadlocked);
+    let error = ran.outcome.error.clone().unwrap();
+    assert_eq!(error.code, "deadlock");
+    assert!(
+        error.blocked_node_ids.contains(&"join".to_owned())
+            && error.blocked_node_ids.contains(&"map".to_owned()),
+        "{error:?}"
+    );
+    assert!(
+        error.blocked_connection_ids.contains(&"c1".to_owned())
+            && error.blocked_connection_ids.contains(&"c2".to_owned()),
+        "{error:?}"
+    );
+    assert!(error.message.contains("`join` waits to receive on `c2` from `map`"), "{}", error.message);
+    assert!(error.message.contains("`map` waits to receive on `c1` from `join`"), "{}", error.message);
+    assert_eq!(ran.node("join").status, pb::NodeStatus::Blocked as i32);
+    assert!(ran.events.iter().any(|e| matches!(e, Event::DeadlockDetected(d) if d.total)));
+
+    // The same cycle next to a branch still working: first a partial deadlock, reported;
+    // once the branch is done, the whole execution is deadlocked.
+    let mut p = p;
+    p.nodes.push(PlanNode {
+        id: "slow".into(),
+        type_id: "source.sequence".into(),
+        config: json!({ "count": 50, "interval_ms": 20 }),
+        remote: None,
+    });
+    p.nodes.push(PlanNode {
+        id: "slow_out".into(),
+        type_id: "sink.output".into(),
+        config: json!({}),
+        remote: None,
+    });
+    p.connections.push(PlanConnection {
+        id: "s".into(),
+        from: "slow".into(),
+        from_port: "out".into(),
+        to: "slow_out".into(),
+        to_port: "in".into(),
+        capacity: 0,
+    });
+    let ran = run(&p, Options::default()).await;
+    let deadlocks: Vec<&pb::DeadlockDetected> = ran
+        .events
+        .iter()
+        .filter_map(|e| if let Event::DeadlockDetected(d) = e { Some(d) } else { None })
+        .collect();
+    assert!(!deadlocks[0].total, "{deadlocks:?}");
+    assert!(deadlocks.last().unwrap().total);
+    assert_eq!(ran.outcome.ending, Ending::Deadlocked);
+    assert_eq!(ran.output("slow_out").len(), 50, "the independent branch finished");
+}
+
+#[tokio::test]
+async fn breakpoints_pause_step_and_resume() {
+    let p = plan(
+        &[
+            ("seq", "source.sequence", json!({ "start": 1, "count": 3 })),
+            ("map", "transform.map", json!({ "expression": ". * 10" })),
+            ("out", "sink.output", json!({})),
+        ],
+        &[("seq", "out", "map", "in"), ("map", "out", "out", "in")],
+    );
+    async fn hit(events: &mut mpsc::UnboundedReceiver<Event>) -> pb::BreakpointHit {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap() {
+                Event::BreakpointHit(hit) => return hit,
+                _ => continue,
+            }
+        }
+    }
+    let ran = run_with(&p, Options::default(), &["map"], |debugger, _, mut events| async move {
+        let first = hit(&mut events).await;
+        assert_eq!((first.node_id.as_str(), first.port.as_str()), ("map", "in"));
+        assert_eq!(pbjson::from_value(first.payload.unwrap()), json!(1));
+        assert_eq!(debugger.paused().unwrap().node_id, "map");
+        // Step: the network moves one message and pauses at the next message any node takes:
+        // the next one at `map`, or the one just let through, arriving at `out`.
+        debugger.step().unwrap();
+        let next = hit(&mut events).await;
+        let next = (next.node_id.clone(), pbjson::from_value(next.payload.unwrap()));
+        assert!(next == ("map".to_owned(), json!(2)) || next == ("out".to_owned(), json!(10)), "{next:?}");
+        // Resume: runs until the next message reaches the breakpoint.
+        debugger.resume(false).unwrap();
+        let again = hit(&mut events).await;
+        assert_eq!(again.node_id, "map");
+        // Resume, clearing breakpoints: runs to the end.
+        debugger.resume(true).unwrap();
+        assert!(debugger.resume(false).is_err(), "not paused any more");
+        Vec::new()
+    })
+    .await;
+    assert_eq!(ran.outcome.ending, Ending::Succeeded);
+    assert_eq!(ran.output("out"), [json!(10), json!(20), json!(30)]);
+    let statuses: Vec<i32> = ran
+        .events
+        .iter()
+        .filter_map(|e| if let Event::StatusChanged(s) = e { Some(s.status) } else { None })
+        .collect();
+    assert!(statuses.contains(&(pb::ExecutionStatus::Paused as i32)));
+}
+
+#[tokio::test]
+async fn recorded_messages_replay() {
+    let p = plan(
+        &[
+            ("seq", "source.sequence", json!({ "count": 5 })),
+            ("double", "transform.map", json!({ "expression": ". * 2" })),
+            ("out", "sink.output", json!({})),
+        ],
+        &[("seq", "out", "double", "in"), ("double", "out", "out", "in")],
+    );
+    let ran = run(&p, Options { record_messages: true, ..Options::default() }).await;
+    assert_eq!(ran.outcome.recorded["c0"], (0..5).map(|n| json!(n)).collect::<Vec<_>>());
+    // Replay the source from the recording; rerun what follows it.
+    let mut replay = HashMap::new();
+    replay.insert("seq".to_owned(), HashMap::from([("c0".to_owned(), vec![json!(10), json!(20)])]));
+    let ran = run(&p, Options { replay, ..Options::default() }).await;
+    assert_eq!(ran.output("out"), [json!(20), json!(40)]);
+    assert_eq!(ran.node("seq").status, pb::NodeStatus::Replayed as i32);
+}
+
+#[tokio::test]
+async fn plans_that_cannot_run_are_refused_with_reasons() {
+    let p = plan(
+        &[
+            ("a", "source.constant", json!({})),
+            ("b", "acme.unknown", json!({})),
+            ("c", "sink.output", json!({})),
+        ],
+        &[("a", "nope", "c", "in")],
+    );
+    let (tx, _rx) = mpsc::channel(8);
+    let Err(problems) = Network::build(&p, Options::default(), Services::default(), Debugger::new([]), tx)
+    else {
+        panic!("built")
+    };
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter().any(|t| t.starts_with("node `a`: invalid configuration") && t.contains("/value")),
+        "{text:?}"
+    );
+    assert!(text.iter().any(|t| t == "node `b`: there is no component type `acme.unknown`"), "{text:?}");
+}
+
+mod remote {
+    use std::{collections::HashMap, net::SocketAddr, pin::Pin};
+
+    use csp_executor::runtime::RemoteEndpoint;
+    use csp_proto::component::v1::{
+        self as cpb,
+        component_runtime_server::{ComponentRuntime, ComponentRuntimeServer},
+    };
+    use futures::{Stream, StreamExt as _};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// Fails each message `fail_times` times (retryably, counted by its `id` across streams),
+    /// never answers `hang`, else echoes `{id, attempts}`.
+    #[derive(Default)]
+    struct Flaky {
+        attempts: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>>,
+    }
+
+    #[tonic::async_trait]
+    impl ComponentRuntime for Flaky {
+        async fn describe(
+            &self,
+            _: Request<cpb::DescribeRequest>,
+        ) -> Result<Response<cpb::DescribeResponse>, Status> {
+            Ok(Response::new(cpb::DescribeResponse::default()))
+        }
+
+        async fn process(
+            &self,
+            request: Request<Streaming<cpb::ProcessRequest>>,
+        ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<cpb::ProcessResponse, Status>> + Send>>>, Status>
+        {
+            let mut input = request.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let attempts = self.attempts.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(request)) = input.next().await {
+                    let kind = match request.kind {
+                        Some(cpb::process_request::Kind::Message(m)) => {
+                            let payload = pbjson::from_value(m.payload.unwrap_or_default());
+                            if payload["hang"] == json!(true) {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                continue;
+                            }
+                            let n = {
+                                let mut attempts = attempts.lock().unwrap();
+                                let n = attempts.entry(payload["id"].to_string()).or_default();
+                                *n += 1;
+                                *n
+                            };
+                            if n <= payload["fail_times"].as_i64().unwrap_or(0) {
+                                cpb::process_response::Kind::Error(cpb::ProcessError {
+                                    sequence: m.sequence,
+                                    message: format!("try again ({n})"),
+                                    retryable: true,
+                                })
+                            } else {
+                                cpb::process_response::Kind::Message(cpb::Message {
+                                    port: "out".into(),
+                                    payload: Some(pbjson::to_value(
+                                        json!({ "id": payload["id"], "attempts": n }),
+                                    )),
+                                    sequence: m.sequence,
+                                })
+                            }
+                        }
+                        Some(cpb::process_request::Kind::InputClosed(_)) => {
+                            cpb::process_response::Kind::Done(cpb::Done {})
+                        }
+                        _ => continue,
+                    };
+                    if tx.send(Ok(cpb::ProcessResponse { kind: Some(kind) })).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        }
+    }
+
+    async fn serve() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ComponentRuntimeServer::new(Flaky::default()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn remote_plan(addr: SocketAddr) -> Plan {
+        let mut p = plan(
+            &[
+                ("in", "source.input", json!({})),
+                ("flaky", "acme.flaky", json!({})),
+                ("out", "sink.output", json!({})),
+            ],
+            &[("in", "out", "flaky", "in"), ("flaky", "out", "out", "in")],
+        );
+        p.nodes[1].remote = Some(RemoteEndpoint {
+            address: format!("http://{addr}"),
+            timeout_ms: 300,
+            inputs: vec!["in".into()],
+            outputs: vec!["out".into()],
+        });
+        p
+    }
+
+    #[tokio::test]
+    async fn remote_components_retry_with_back_off_and_time_out() {
+        let addr = serve().await;
+        let p = remote_plan(addr);
+        let mut options = Options::default();
+        options.inputs.insert("in".into(), vec![json!({ "id": 1, "fail_times": 2 }), json!({ "id": 2 })]);
+        options.policies.insert(
+            "flaky".into(),
+            Policy { max_retries: 3, initial_backoff: Duration::from_millis(10), ..Policy::default() },
+        );
+        let started = std::time::Instant::now();
+        let ran = run(&p, options.clone()).await;
+        assert_eq!(ran.outcome.ending, Ending::Succeeded, "{:?}", ran.outcome.error);
+        let mut got = ran.output("out");
+        got.sort_by_key(|v| v["id"].as_i64());
+        assert_eq!(got, [json!({ "id": 1, "attempts": 3 }), json!({ "id": 2, "attempts": 1 })]);
+        assert!(started.elapsed() >= Duration::from_millis(30), "10 ms then 20 ms of back-off");
+        let retries: Vec<i32> = ran
+            .events
+            .iter()
+            .filter_map(|e| {
+                if let Event::NodeError(n) = e { (n.action == "retry").then_some(n.attempt) } else { None }
+            })
+            .collect();
+        assert_eq!(retries, [1, 2]);
+        assert_eq!(ran.node("flaky").metrics.unwrap().retries, 2);
+
+        // Out of retries: the policy decides.
+        let p = remote_plan(serve().await);
+        options.policies.get_mut("flaky").unwrap().max_retries = 1;
+        options.policies.get_mut("flaky").unwrap().on_error = OnError::Skip;
+        let ran = run(&p, options.clone()).await;
+        assert_eq!(ran.output("out"), [json!({ "id": 2, "attempts": 1 })]);
+
+        // No answer: the node fails once its endpoint's timeout passes.
+        options.inputs.insert("in".into(), vec![json!({ "hang": true })]);
+        let ran = run(&p, options).await;
+        assert_eq!(ran.outcome.ending, Ending::Failed);
+        assert!(ran.outcome.error.unwrap().message.contains("did not answer within 300 ms"));
+
+        // Unreachable: a clear reason.
+        let ran = run(&remote_plan("127.0.0.1:9".parse().unwrap()), Options::default()).await;
+        assert!(
+            ran.outcome.error.unwrap().message.contains("cannot reach the component at http://127.0.0.1:9")
+        );
+    }
+}
