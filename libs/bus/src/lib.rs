@@ -265,6 +265,11 @@ pub trait EventBus: Counters {
         limit: usize,
     ) -> Result<Vec<Delivery>>;
 
+    /// Renews `consumer`'s hold on pending entries: their idle time restarts, so
+    /// [`claim_idle`](Self::claim_idle) leaves them alone. Entries another consumer has taken
+    /// over are not taken back. Returns how many `consumer` still holds.
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64>;
+
     /// The group's pending entries, per consumer.
     async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary>;
 

@@ -334,6 +334,24 @@ impl EventBus for MemoryBus {
         Ok(ids.iter().filter(|id| group_state.pending.remove(id).is_some()).count() as u64)
     }
 
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+        let mut streams = self.lock();
+        let Some(group_state) = streams.get_mut(stream).and_then(|s| s.groups.get_mut(group)) else {
+            return Err(BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() });
+        };
+        let now = Instant::now();
+        let mut held = 0;
+        for id in ids {
+            if let Some(entry) = group_state.pending.get_mut(id)
+                && entry.consumer == consumer
+            {
+                entry.delivered_at = now;
+                held += 1;
+            }
+        }
+        Ok(held)
+    }
+
     async fn claim_idle(
         &self,
         stream: &str,

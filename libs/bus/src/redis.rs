@@ -507,6 +507,25 @@ impl EventBus for RedisBus {
             .collect())
     }
 
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut args = vec![Value::from(group), Value::from(consumer)];
+        args.extend(ids.iter().map(|id| Value::from(id.to_string())));
+        let held: i64 = touch_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
+            .await
+            .map_err(|e| {
+                if e.details().contains("NOGROUP") {
+                    BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() }
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        Ok(held.max(0) as u64)
+    }
+
     async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary> {
         let reply: Value = match self.inner.pool.xpending(self.key(stream), group, ()).await {
             Ok(reply) => reply,
@@ -721,6 +740,28 @@ if trimmed then
   redis.call('XSETID', KEYS[1], id, 'MAXDELETEDID', trimmed)
 end
 return id
+"#,
+        )
+    })
+}
+
+/// XCLAIM with no minimum idle time (which restarts the idle time) of the entries still
+/// pending for the given consumer, atomically: an entry another consumer took over stays
+/// theirs.
+fn touch_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local held = 0
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if entry[1] and entry[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    held = held + 1
+  end
+end
+return held
 "#,
         )
     })

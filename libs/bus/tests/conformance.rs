@@ -302,6 +302,29 @@ async fn entries_of_a_stopped_consumer_are_claimed_after_the_idle_time(env: Test
     assert_eq!(bus.pending("work", "w").await.unwrap().count, 0);
 }
 
+async fn a_touched_lease_is_not_claimed_and_a_claimed_one_not_touched_back(env: TestEnv) {
+    let bus = env.bus();
+    bus.create_group("leases", "w", GroupStart::Beginning).await.unwrap();
+    append_n(&bus, "leases", 0..2).await;
+    let held = bus.read_group("leases", "w", "owner", 2, Duration::ZERO).await.unwrap();
+    let ids: Vec<EventId> = held.iter().map(|d| d.event.id).collect();
+    let idle = Duration::from_millis(300);
+
+    // Renewed before it idles: nobody can take it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(bus.touch("leases", "w", "owner", &ids).await.unwrap(), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(bus.claim_idle("leases", "w", "other", idle, 10).await.unwrap().is_empty(), "renewed 200 ms ago");
+
+    // Left to idle, it is taken over, and the old owner's renewal no longer holds it.
+    tokio::time::sleep(idle).await;
+    assert_eq!(bus.claim_idle("leases", "w", "other", idle, 10).await.unwrap().len(), 2);
+    assert_eq!(bus.touch("leases", "w", "owner", &ids).await.unwrap(), 0);
+    let pending = bus.pending("leases", "w").await.unwrap();
+    assert_eq!(pending.consumers.get("other"), Some(&2));
+    assert!(matches!(bus.touch("nothing", "w", "owner", &ids).await, Err(BusError::NoGroup { .. })));
+}
+
 async fn deleting_a_stream_removes_it(env: TestEnv) {
     let bus = env.bus();
     append_n(&bus, "gone", 0..3).await;
@@ -365,5 +388,6 @@ csp_testkit::backend_tests!(
     groups_start_where_asked_and_must_exist,
     a_blocked_group_read_wakes_on_append_and_times_out_empty,
     entries_of_a_stopped_consumer_are_claimed_after_the_idle_time,
+    a_touched_lease_is_not_claimed_and_a_claimed_one_not_touched_back,
     deleting_a_stream_removes_it,
 );

@@ -96,6 +96,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// The design service.
     pub design: DesignSettings,
+    /// The executor.
+    pub executor: ExecutorSettings,
 }
 
 impl Default for Settings {
@@ -115,6 +117,7 @@ impl Default for Settings {
             ai: AiSettings::default(),
             registry: RegistrySettings::default(),
             design: DesignSettings::default(),
+            executor: ExecutorSettings::default(),
         }
     }
 }
@@ -599,6 +602,40 @@ impl Default for RegistrySettings {
     }
 }
 
+/// The executor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorSettings {
+    /// Executions one replica runs at once; more wait in the queue.
+    pub max_concurrent: usize,
+    /// A replica renews its hold on each execution it runs; one that has not for this long is
+    /// presumed dead, and another replica reruns the execution.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// The longest an execution may run (its default deadline, and the largest one allowed).
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// Events kept per execution (older ones are trimmed).
+    pub events_kept: u64,
+    /// Messages recorded per execution when it records them (for RetryExecution).
+    pub max_recorded_messages: usize,
+    /// Threads that run process networks; 0 means one per core.
+    pub threads: usize,
+}
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 64,
+            lease: Duration::from_secs(30),
+            max_duration: Duration::from_secs(3600),
+            events_kept: 100_000,
+            max_recorded_messages: 100_000,
+            threads: 0,
+        }
+    }
+}
+
 /// The design service's limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -837,6 +874,19 @@ impl Settings {
             if value < 1024 {
                 return Err(ConfigError::Invalid { key, message: "must be at least 1024".into() });
             }
+        }
+        let executor = &self.executor;
+        if executor.max_concurrent == 0 || executor.events_kept == 0 {
+            return Err(ConfigError::Invalid {
+                key: "executor",
+                message: "max_concurrent and events_kept must be at least 1".into(),
+            });
+        }
+        if executor.lease < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "executor.lease",
+                message: "must be at least 1s".into(),
+            });
         }
         if design.snapshot_every < 1 {
             return Err(ConfigError::Invalid {

@@ -18,9 +18,18 @@ use csp_proto::executor::v1::executor_service_server::ExecutorServiceServer;
 use csp_store::StoreError;
 use tokio::net::TcpListener;
 
+mod clients;
+mod entity;
+mod error;
+mod executions;
 mod grpc;
 pub mod migration;
+mod plan;
+mod repo;
 pub mod runtime;
+mod stored;
+
+pub use executions::stream;
 
 /// This service.
 pub const SERVICE: Service = Service::Executor;
@@ -37,6 +46,12 @@ pub enum Error {
     /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The runtime's threads could not start.
+    #[error("the runtime could not start: {0}")]
+    Runtime(String),
+    /// The job queue could not be joined.
+    #[error("the job queue: {0}")]
+    Queue(#[from] error::Error),
 }
 
 /// The service, bound and ready to serve.
@@ -59,7 +74,9 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, Error> {
         let db = csp_store::open::<migration::Migrator>(settings, SERVICE).await?;
-        let api = ExecutorServiceServer::new(grpc::ExecutorApi)
+        let executor = executions::Executor::new(db.conn().clone(), bus.clone(), settings)?;
+        executor.spawn_workers().await?;
+        let api = ExecutorServiceServer::new(grpc::ExecutorApi::new(executor))
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
         let verifier = csp_bus::revocations::remote_verifier(settings, bus.clone())?;

@@ -1,12 +1,14 @@
 //! Migrations of the executor schema, applied in order by `csp migrate` and at start-up.
 
-use csp_store::sea_orm_migration::{MigrationTrait, MigratorTrait};
+use sea_orm_migration::{MigrationTrait, MigratorTrait};
+
+mod m20261125_000001_executions;
 
 /// Every migration of the service, oldest first.
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        Vec::new()
+        vec![Box::new(m20261125_000001_executions::Migration)]
     }
 }

@@ -153,25 +153,26 @@ impl Driver {
         let on_pause = {
             let shared = shared.clone();
             let id = id.clone();
+            // The hit first: whoever sees the execution paused can find where.
             async move {
                 shared
-                    .emit(Event::StatusChanged(pb::StatusChanged {
-                        status: pb::ExecutionStatus::Paused as i32,
-                        error: None,
+                    .emit(Event::BreakpointHit(pb::BreakpointHit {
+                        node_id: id.clone(),
+                        port: port_name,
+                        payload: Some(pbjson::to_value(payload)),
                     }))
                     .await;
                 shared
                     .emit(Event::NodeStatusChanged(pb::NodeStatusChanged {
-                        node_id: id.clone(),
+                        node_id: id,
                         status: pb::NodeStatus::Paused as i32,
                         error: String::new(),
                     }))
                     .await;
                 shared
-                    .emit(Event::BreakpointHit(pb::BreakpointHit {
-                        node_id: id,
-                        port: port_name,
-                        payload: Some(pbjson::to_value(payload)),
+                    .emit(Event::StatusChanged(pb::StatusChanged {
+                        status: pb::ExecutionStatus::Paused as i32,
+                        error: None,
                     }))
                     .await;
             }

@@ -1,0 +1,240 @@
+//! The services the executor calls: design (what to run, and who may), registry (where custom
+//! components run), AI (for `ai.*` nodes). Every call forwards the caller's credentials.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use csp_platform::{Service, Settings, client::TracedChannel, config::ConfigError};
+use csp_proto::{
+    ai::v1::{self as ai, ai_service_client::AiServiceClient},
+    design::v1::{self as design, design_service_client::DesignServiceClient},
+    registry::v1::{self as registry, registry_service_client::RegistryServiceClient},
+};
+use tonic::{Code, Request, Status, metadata::AsciiMetadataValue};
+
+use crate::{error::Error, runtime};
+
+/// The caller's `authorization` metadata.
+pub(crate) type Credentials = Option<AsciiMetadataValue>;
+
+fn request<T>(message: T, credentials: &Credentials, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    if let Some(value) = credentials {
+        request.metadata_mut().insert("authorization", value.clone());
+    }
+    request
+}
+
+/// A design service answer as the executor's error.
+fn design_error(status: Status, id: &str) -> Error {
+    match status.code() {
+        Code::NotFound => Error::NotFound(format!("no design `{id}`")),
+        Code::InvalidArgument => Error::field("design_id", status.message().to_owned()),
+        Code::PermissionDenied => Error::Forbidden(status.message().to_owned()),
+        Code::Unauthenticated => Error::Forbidden(status.message().to_owned()),
+        _ => Error::Unavailable(format!("the design service did not answer: {}", status.message())),
+    }
+}
+
+/// What a user may do with a design, as the design service says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Access {
+    Viewer,
+    Editor,
+}
+
+/// How long an access check is trusted.
+const ACCESS_TTL: Duration = Duration::from_secs(10);
+
+/// The design service.
+pub(crate) struct Designs {
+    client: DesignServiceClient<TracedChannel>,
+    access: Mutex<HashMap<(String, String), (Access, Instant)>>,
+}
+
+impl Designs {
+    pub(crate) fn new(settings: &Settings) -> Result<Self, ConfigError> {
+        let client = DesignServiceClient::new(csp_platform::client::channel(settings, Service::Design)?)
+            .max_decoding_message_size(settings.server.max_message_bytes);
+        Ok(Self { client, access: Mutex::new(HashMap::new()) })
+    }
+
+    /// A design at a revision (0: the current one), as the caller may see it.
+    pub(crate) async fn design(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        revision: i64,
+    ) -> Result<design::Design, Error> {
+        let timeout = Duration::from_secs(10);
+        let found = if revision == 0 {
+            let message = design::GetDesignRequest { design_id: id.to_owned() };
+            self.client
+                .clone()
+                .get_design(request(message, credentials, timeout))
+                .await
+                .map(|r| r.into_inner().design)
+        } else {
+            let message = design::GetRevisionRequest { design_id: id.to_owned(), revision };
+            self.client
+                .clone()
+                .get_revision(request(message, credentials, timeout))
+                .await
+                .map(|r| r.into_inner().design)
+        };
+        match found {
+            Ok(Some(design)) => {
+                self.remember(credentials, id, &design);
+                Ok(design)
+            }
+            Ok(None) => Err(Error::Internal("the design service sent no design".into())),
+            Err(status) if status.code() == Code::InvalidArgument && revision != 0 => {
+                Err(Error::field("design_revision", status.message().to_owned()))
+            }
+            Err(status) => Err(design_error(status, id)),
+        }
+    }
+
+    fn key(credentials: &Credentials, id: &str) -> (String, String) {
+        (credentials.as_ref().and_then(|c| c.to_str().ok()).unwrap_or_default().to_owned(), id.to_owned())
+    }
+
+    fn remember(&self, credentials: &Credentials, id: &str, design: &design::Design) {
+        let access =
+            if design.access >= design::Access::Editor as i32 { Access::Editor } else { Access::Viewer };
+        let mut cache = self.access.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(Self::key(credentials, id), (access, Instant::now()));
+    }
+
+    /// The caller's access to a design; NOT_FOUND when they have none.
+    pub(crate) async fn access(&self, credentials: &Credentials, id: &str) -> Result<Access, Error> {
+        let key = Self::key(credentials, id);
+        if let Some((access, at)) =
+            self.access.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).copied()
+            && at.elapsed() < ACCESS_TTL
+        {
+            return Ok(access);
+        }
+        let design = self.design(credentials, id, 0).await?;
+        Ok(if design.access >= design::Access::Editor as i32 { Access::Editor } else { Access::Viewer })
+    }
+}
+
+/// The registry, for custom component types.
+pub(crate) struct Registry {
+    client: RegistryServiceClient<TracedChannel>,
+}
+
+impl Registry {
+    pub(crate) fn new(settings: &Settings) -> Result<Self, ConfigError> {
+        let client = RegistryServiceClient::new(csp_platform::client::channel(settings, Service::Registry)?);
+        Ok(Self { client })
+    }
+
+    /// A custom type's endpoint and ports.
+    pub(crate) async fn endpoint(
+        &self,
+        credentials: &Credentials,
+        type_id: &str,
+        version: &str,
+        node_id: &str,
+    ) -> Result<runtime::RemoteEndpoint, Error> {
+        let message =
+            registry::GetComponentTypeRequest { r#type: type_id.to_owned(), version: version.to_owned() };
+        let found = self
+            .client
+            .clone()
+            .get_component_type(request(message, credentials, Duration::from_secs(10)))
+            .await;
+        let spec = match found {
+            Ok(response) => response.into_inner().component_type.unwrap_or_default(),
+            Err(status) if matches!(status.code(), Code::NotFound | Code::InvalidArgument) => {
+                return Err(Error::precondition(
+                    "DESIGN_INVALID",
+                    format!("the design cannot run: node `{node_id}`: {}", status.message()),
+                ));
+            }
+            Err(status) => {
+                return Err(Error::Unavailable(format!(
+                    "the component registry did not answer: {}",
+                    status.message()
+                )));
+            }
+        };
+        let Some(remote) = spec.remote else {
+            return Err(Error::precondition(
+                "DESIGN_INVALID",
+                format!("the design cannot run: node `{node_id}`: `{type_id}` has no endpoint to run it"),
+            ));
+        };
+        Ok(runtime::RemoteEndpoint {
+            address: remote.address,
+            timeout_ms: if remote.timeout_ms > 0 { remote.timeout_ms as u64 } else { 30_000 },
+            inputs: spec.inputs.into_iter().map(|p| p.name).collect(),
+            outputs: spec.outputs.into_iter().map(|p| p.name).collect(),
+        })
+    }
+}
+
+/// The AI service, with the credentials of whoever started the execution.
+pub(crate) struct Ai {
+    client: AiServiceClient<TracedChannel>,
+    credentials: Credentials,
+    design_id: String,
+}
+
+impl Ai {
+    pub(crate) fn new(
+        settings: &Settings,
+        credentials: Credentials,
+        design_id: &str,
+    ) -> Result<Self, ConfigError> {
+        let client = AiServiceClient::new(csp_platform::client::channel(settings, Service::Ai)?);
+        Ok(Self { client, credentials, design_id: design_id.to_owned() })
+    }
+
+    fn failed(status: Status) -> runtime::AiError {
+        let retryable =
+            matches!(status.code(), Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded);
+        let why = match status.code() {
+            Code::Unimplemented => format!("the AI service is not available: {}", status.message()),
+            Code::Unauthenticated => "the AI service refused the credentials of whoever started the execution (they may have expired)".into(),
+            _ => format!("the AI service failed: {}", status.message()),
+        };
+        (why, retryable)
+    }
+}
+
+#[tonic::async_trait]
+impl runtime::Ai for Ai {
+    async fn chat(&self, mut message: ai::ChatRequest) -> Result<ai::ChatResponse, runtime::AiError> {
+        message.design_id.clone_from(&self.design_id);
+        let call = request(message, &self.credentials, Duration::from_secs(300));
+        self.client.clone().chat(call).await.map(tonic::Response::into_inner).map_err(Self::failed)
+    }
+
+    async fn analyze(
+        &self,
+        mut message: ai::AnalyzeRequest,
+    ) -> Result<ai::AnalyzeResponse, runtime::AiError> {
+        message.design_id.clone_from(&self.design_id);
+        let call = request(message, &self.credentials, Duration::from_secs(300));
+        self.client.clone().analyze(call).await.map(tonic::Response::into_inner).map_err(Self::failed)
+    }
+
+    async fn generate_code(
+        &self,
+        mut message: ai::GenerateCodeRequest,
+    ) -> Result<ai::GenerateCodeResponse, runtime::AiError> {
+        message.design_id.clone_from(&self.design_id);
+        let call = request(message, &self.credentials, Duration::from_secs(300));
+        self.client.clone().generate_code(call).await.map(tonic::Response::into_inner).map_err(Self::failed)
+    }
+}

@@ -1,0 +1,1044 @@
+//! Executions: queued by StartExecution, taken by one replica, watched from any.
+//!
+//! - StartExecution reads the design (with the caller's credentials), turns it into a plan,
+//!   checks the plan builds, stores the execution QUEUED and appends a job to the bus stream
+//!   `executor:jobs`.
+//! - Every replica reads jobs in the consumer group `executors`, at most
+//!   `executor.max_concurrent` at once, and renews its hold on each job it runs every third of
+//!   `executor.lease`. A job held by a replica that stopped renewing is claimed by another after
+//!   the lease and rerun from the start as the next attempt; no execution is left RUNNING.
+//! - Events go to the bus stream `execution:<id>` (capped at `executor.events_kept`), from
+//!   which WatchExecution reads, resuming after the last event id a client saw.
+//! - Cancel, resume and step reach the replica running the execution through `executor:control`.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, SubsecRound as _, Utc};
+use csp_bus::{Delivery, EventId, GroupStart, NewEvent, SharedBus};
+use csp_platform::{FieldViolation, Settings, auth::Principal};
+use csp_proto::{executor::v1 as pb, json as pbjson};
+use futures::{Stream, StreamExt as _};
+use pb::execution_event::Kind as Event;
+use prost::Message as _;
+use sea_orm::DatabaseConnection;
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clients::{Access, Ai, Credentials, Designs, Registry},
+    entity::execution,
+    error::Error,
+    plan, repo,
+    runtime::{Debugger, Ending, Network, Outcome, Plan, Services, Shards},
+    stored::{Status, StoredFailure, StoredNode, StoredOptions},
+};
+
+/// The job queue.
+pub(crate) const JOBS: &str = "executor:jobs";
+/// The consumer group of the executor replicas.
+pub(crate) const GROUP: &str = "executors";
+/// Cancel, resume and step requests, for the replica running the execution.
+pub(crate) const CONTROL: &str = "executor:control";
+/// How long an RPC waits for the execution to react (cancelled, paused again, ...).
+const REACTION: Duration = Duration::from_secs(10);
+
+/// The bus stream of an execution's events.
+pub fn stream(execution_id: &str) -> String {
+    format!("execution:{execution_id}")
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: time.timestamp(), nanos: time.timestamp_subsec_nanos() as i32 }
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no execution `{id}`"))
+}
+
+fn check_id(id: &str, field: &str, what: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::field(field, "is required"));
+    }
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(Error::field(field, format!("is not {what} id (a UUID)")));
+    }
+    Ok(())
+}
+
+fn list_value(values: &[Value]) -> prost_types::ListValue {
+    prost_types::ListValue { values: values.iter().cloned().map(pbjson::to_value).collect() }
+}
+
+fn lists(json: &str) -> HashMap<String, prost_types::ListValue> {
+    match serde_json::from_str::<BTreeMap<String, Vec<Value>>>(json) {
+        Ok(map) => map.into_iter().map(|(k, v)| (k, list_value(&v))).collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// An execution as the API shows it; `outputs` may be left out (listings).
+pub(crate) fn to_pb(row: &execution::Model, outputs: bool) -> pb::Execution {
+    let options: Option<StoredOptions> = serde_json::from_str(&row.options).ok();
+    let nodes: Vec<StoredNode> = serde_json::from_str(&row.nodes).unwrap_or_default();
+    pb::Execution {
+        id: row.id.clone(),
+        design_id: row.design_id.clone(),
+        design_revision: row.design_revision,
+        status: Status::parse(&row.status).to_pb() as i32,
+        started_by: row.started_by.clone(),
+        created_at: Some(timestamp(row.created_at)),
+        started_at: row.started_at.map(timestamp),
+        finished_at: row.finished_at.map(timestamp),
+        inputs: lists(&row.inputs),
+        outputs: if outputs { lists(&row.outputs) } else { HashMap::new() },
+        error: row
+            .error
+            .as_deref()
+            .and_then(|e| serde_json::from_str::<StoredFailure>(e).ok())
+            .map(|f| f.to_pb()),
+        nodes: nodes.iter().map(StoredNode::to_pb).collect(),
+        options: options.map(|o| o.to_pb()),
+        attempt: row.attempt,
+        retry_of: row.retry_of.clone().unwrap_or_default(),
+        paused_at_node_id: row.paused_at.clone(),
+    }
+}
+
+/// An execution running on this replica.
+struct Running {
+    cancel: CancellationToken,
+    debugger: Arc<Debugger>,
+    job: EventId,
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+/// A request for the replica running an execution.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Command {
+    execution_id: String,
+    action: String,
+    #[serde(default)]
+    clear: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+/// The executor's state.
+pub(crate) struct Executor {
+    db: DatabaseConnection,
+    bus: SharedBus,
+    settings: Settings,
+    designs: Designs,
+    registry: Registry,
+    shards: Arc<Shards>,
+    /// This replica's name in the consumer group.
+    me: String,
+    running: Mutex<HashMap<String, Running>>,
+    /// Credentials of whoever started executions queued here, for their AI calls (kept in
+    /// memory only, never stored).
+    credentials: Mutex<HashMap<String, (Credentials, Instant)>>,
+    slots: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Executor {
+    pub(crate) fn new(
+        db: DatabaseConnection,
+        bus: SharedBus,
+        settings: &Settings,
+    ) -> Result<Arc<Self>, crate::Error> {
+        let threads = match settings.executor.threads {
+            0 => std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            n => n,
+        };
+        let shards = Shards::start(threads).map_err(|e| crate::Error::Runtime(e.to_string()))?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "executor".into());
+        Ok(Arc::new(Self {
+            db,
+            bus,
+            designs: Designs::new(settings)?,
+            registry: Registry::new(settings)?,
+            shards,
+            me: format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            running: Mutex::new(HashMap::new()),
+            credentials: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(settings.executor.max_concurrent)),
+            settings: settings.clone(),
+        }))
+    }
+
+    /// Appends an event to an execution's stream.
+    async fn event(&self, id: &str, kind: Event) -> Result<EventId, Error> {
+        let event = pb::ExecutionEvent {
+            event_id: String::new(),
+            execution_id: id.to_owned(),
+            time: Some(timestamp(Utc::now())),
+            kind: Some(kind),
+        };
+        let new = NewEvent::new(event.encode_to_vec()).with_trace_context();
+        Ok(self.bus.append(&stream(id), new, Some(self.settings.executor.events_kept)).await?)
+    }
+
+    async fn status_event(&self, id: &str, status: Status, error: Option<pb::ExecutionError>) {
+        let kind = Event::StatusChanged(pb::StatusChanged { status: status.to_pb() as i32, error });
+        if let Err(e) = self.event(id, kind).await {
+            tracing::warn!(execution_id = %id, error = %e, "could not publish a status change");
+        }
+    }
+
+    /// The execution if the caller may see it (viewer of its design); NOT_FOUND otherwise.
+    async fn visible(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        need: Access,
+    ) -> Result<execution::Model, Error> {
+        check_id(id, "execution_id", "an execution")?;
+        let row = repo::get(&self.db, id).await?.ok_or_else(|| not_found(id))?;
+        match self.designs.access(credentials, &row.design_id).await {
+            Ok(access) if access >= need => Ok(row),
+            Ok(_) => Err(Error::Forbidden(
+                "you can view this design's executions but not run or control them".into(),
+            )),
+            Err(Error::NotFound(_)) => Err(not_found(id)),
+            Err(e) => Err(e),
+        }
+    }
+
+    // --- StartExecution ---
+
+    pub(crate) async fn start(
+        &self,
+        p: &Principal,
+        credentials: Credentials,
+        request: pb::StartExecutionRequest,
+    ) -> Result<pb::Execution, Error> {
+        check_id(&request.design_id, "design_id", "a design")?;
+        if request.design_revision < 0 {
+            return Err(Error::field("design_revision", "must be 0 (the current one) or a revision"));
+        }
+        if request.idempotency_key.chars().count() > 200 {
+            return Err(Error::field("idempotency_key", "must be at most 200 characters"));
+        }
+        let key = (!request.idempotency_key.is_empty()).then(|| request.idempotency_key.clone());
+        if let Some(key) = &key
+            && let Some(existing) = repo::by_idempotency_key(&self.db, &p.user_id, key).await?
+        {
+            return self.same_start(existing, &request.design_id);
+        }
+        let design = self.designs.design(&credentials, &request.design_id, request.design_revision).await?;
+        if design.access < csp_proto::design::v1::Access::Editor as i32 {
+            return Err(Error::Forbidden("you can view this design but not run it".into()));
+        }
+        let revision = design.revision;
+        let plan = plan::build(design, &self.designs, &self.registry, &credentials).await?;
+        let options = StoredOptions::from_pb(request.options.as_ref(), &self.settings.executor)
+            .map_err(Error::fields)?;
+        let inputs = check_request(&plan, &options, &request.inputs)?;
+        // Build it once now, so a design that cannot run is refused here, not queued.
+        let mut runtime_options = options.to_runtime(&self.settings.executor);
+        runtime_options.inputs = inputs.clone().into_iter().collect();
+        runtime_options.shards = Some(self.shards.clone());
+        let (tx, _rx) = mpsc::channel(1);
+        if let Err(problems) =
+            Network::build(&plan, runtime_options, Services::default(), Debugger::new([]), tx)
+        {
+            let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(Error::precondition(
+                "DESIGN_INVALID",
+                format!("the design cannot run: {}", listed.join("; ")),
+            ));
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let pending: Vec<StoredNode> = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                StoredNode::of(&pb::NodeSummary {
+                    node_id: n.id.clone(),
+                    r#type: n.type_id.clone(),
+                    status: pb::NodeStatus::Pending as i32,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let row = execution::Model {
+            id: id.clone(),
+            design_id: request.design_id.clone(),
+            design_revision: revision,
+            status: Status::Queued.as_str().into(),
+            started_by: p.user_id.clone(),
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            inputs: serde_json::to_string(&inputs).unwrap_or_else(|_| "{}".into()),
+            outputs: "{}".into(),
+            error: None,
+            nodes: serde_json::to_string(&pending).unwrap_or_else(|_| "[]".into()),
+            options: serde_json::to_string(&options).unwrap_or_else(|_| "{}".into()),
+            plan: serde_json::to_string(&plan).map_err(|e| Error::Internal(e.to_string()))?,
+            attempt: 0,
+            retry_of: None,
+            retry_from: None,
+            paused_at: String::new(),
+            idempotency_key: key.clone(),
+        };
+        self.enqueue(row, credentials, key.as_deref(), &p.user_id, &request.design_id).await
+    }
+
+    fn same_start(&self, existing: execution::Model, design_id: &str) -> Result<pb::Execution, Error> {
+        if existing.design_id != design_id {
+            return Err(Error::field("idempotency_key", "was used to start an execution of another design"));
+        }
+        Ok(to_pb(&existing, true))
+    }
+
+    /// Stores a new execution, announces it and queues its job.
+    async fn enqueue(
+        &self,
+        row: execution::Model,
+        credentials: Credentials,
+        key: Option<&str>,
+        user: &str,
+        design_id: &str,
+    ) -> Result<pb::Execution, Error> {
+        let id = row.id.clone();
+        if let Err(e) = repo::insert(&self.db, row.clone()).await {
+            // Two starts with one key raced: the other one won.
+            if let Some(key) = key
+                && let Some(existing) = repo::by_idempotency_key(&self.db, user, key).await?
+            {
+                return self.same_start(existing, design_id);
+            }
+            return Err(e.into());
+        }
+        {
+            let mut kept = lock(&self.credentials);
+            kept.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(24 * 3600));
+            kept.insert(id.clone(), (credentials, Instant::now()));
+        }
+        self.status_event(&id, Status::Queued, None).await;
+        self.bus.append(JOBS, NewEvent::new(id.clone()).with_trace_context(), None).await?;
+        metrics::counter!("csp_executor_executions_total", "status" => "queued").increment(1);
+        Ok(to_pb(&row, true))
+    }
+
+    // --- reads ---
+
+    pub(crate) async fn get(&self, credentials: &Credentials, id: &str) -> Result<pb::Execution, Error> {
+        Ok(to_pb(&self.visible(credentials, id, Access::Viewer).await?, true))
+    }
+
+    pub(crate) async fn list(
+        &self,
+        credentials: &Credentials,
+        request: pb::ListExecutionsRequest,
+    ) -> Result<pb::ListExecutionsResponse, Error> {
+        check_id(&request.design_id, "design_id", "a design")?;
+        self.designs.access(credentials, &request.design_id).await?;
+        let limit = match request.page_size {
+            0 => 50,
+            n if n < 0 => return Err(Error::field("page_size", "must not be negative")),
+            n => n.min(500) as u64,
+        };
+        let status = match pb::ExecutionStatus::try_from(request.status) {
+            Ok(pb::ExecutionStatus::Unspecified) => None,
+            Ok(status) => Status::from_pb(status),
+            Err(_) => {
+                return Err(Error::field("status", format!("{} is not an ExecutionStatus", request.status)));
+            }
+        };
+        let bad_token = || Error::field("page_token", "is not a token from a previous response");
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            let text = URL_SAFE_NO_PAD
+                .decode(&request.page_token)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(bad_token)?;
+            let (micros, id) = text.split_once('|').ok_or_else(bad_token)?;
+            let at =
+                micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad_token)?;
+            Some((at, id.to_owned()))
+        };
+        let mut rows = repo::list(&self.db, &request.design_id, status, after, limit + 1).await?;
+        let more = rows.len() as u64 > limit;
+        rows.truncate(limit as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if more => {
+                URL_SAFE_NO_PAD.encode(format!("{}|{}", last.created_at.timestamp_micros(), last.id))
+            }
+            _ => String::new(),
+        };
+        Ok(pb::ListExecutionsResponse {
+            executions: rows.iter().map(|r| to_pb(r, false)).collect(),
+            next_page_token,
+        })
+    }
+
+    // --- control ---
+
+    /// Sends a command to whichever replica runs the execution (this one, directly).
+    async fn command(&self, command: Command) -> Result<(), Error> {
+        if self.apply(&command) {
+            return Ok(());
+        }
+        let payload = serde_json::to_vec(&command).map_err(|e| Error::Internal(e.to_string()))?;
+        self.bus.append(CONTROL, NewEvent::new(payload), Some(10_000)).await?;
+        Ok(())
+    }
+
+    /// Carries out a command if the execution runs here.
+    fn apply(&self, command: &Command) -> bool {
+        let running = lock(&self.running);
+        let Some(run) = running.get(&command.execution_id) else { return false };
+        match command.action.as_str() {
+            "cancel" => {
+                *lock(&run.reason) = Some(command.reason.clone());
+                run.cancel.cancel();
+            }
+            "resume" => {
+                let _ = run.debugger.resume(command.clear);
+            }
+            "step" => {
+                let _ = run.debugger.step();
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// Waits (a while) for an event after `after` that `done` accepts.
+    async fn wait_for(&self, id: &str, after: Option<EventId>, done: impl Fn(&Event) -> bool) {
+        let Ok(mut events) = self.bus.tail(&stream(id), Some(after.unwrap_or(EventId::ZERO))).await else {
+            return;
+        };
+        let _ = tokio::time::timeout(REACTION, async {
+            while let Some(Ok(event)) = events.next().await {
+                if let Ok(decoded) = pb::ExecutionEvent::decode(event.payload.as_ref())
+                    && decoded.kind.as_ref().is_some_and(&done)
+                {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    pub(crate) async fn cancel(
+        &self,
+        p: &Principal,
+        credentials: &Credentials,
+        id: &str,
+        reason: &str,
+    ) -> Result<pb::Execution, Error> {
+        let row = self.visible(credentials, id, Access::Editor).await?;
+        let reason = if reason.is_empty() {
+            format!("cancelled by {}", p.username)
+        } else {
+            format!("cancelled by {}: {}", p.username, reason.chars().take(500).collect::<String>())
+        };
+        match Status::parse(&row.status) {
+            Status::Queued => {
+                let failure =
+                    StoredFailure { code: "cancelled".into(), message: reason.clone(), ..Default::default() };
+                let stored = serde_json::to_string(&failure).unwrap_or_default();
+                if repo::cancel_queued(&self.db, id, now(), &stored).await? {
+                    metrics::counter!("csp_executor_executions_total", "status" => "cancelled").increment(1);
+                    self.status_event(id, Status::Cancelled, Some(failure.to_pb())).await;
+                } else {
+                    // Taken by a replica meanwhile.
+                    self.command(Command {
+                        execution_id: id.into(),
+                        action: "cancel".into(),
+                        clear: false,
+                        reason,
+                    })
+                    .await?;
+                    self.wait_for(id, None, terminal).await;
+                }
+            }
+            Status::Running | Status::Paused => {
+                let last = self.bus.last_id(&stream(id)).await?;
+                self.command(Command {
+                    execution_id: id.into(),
+                    action: "cancel".into(),
+                    clear: false,
+                    reason,
+                })
+                .await?;
+                self.wait_for(id, last, terminal).await;
+            }
+            _ => {}
+        }
+        self.get(credentials, id).await
+    }
+
+    async fn debug(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        action: &str,
+        clear: bool,
+    ) -> Result<pb::Execution, Error> {
+        let row = self.visible(credentials, id, Access::Editor).await?;
+        if Status::parse(&row.status) != Status::Paused {
+            return Err(Error::precondition(
+                "NOT_PAUSED",
+                format!("the execution is {}, not paused at a breakpoint", row.status),
+            ));
+        }
+        let last = self.bus.last_id(&stream(id)).await?;
+        self.command(Command {
+            execution_id: id.into(),
+            action: action.into(),
+            clear,
+            reason: String::new(),
+        })
+        .await?;
+        if action == "step" {
+            self.wait_for(id, last, |e| matches!(e, Event::BreakpointHit(_)) || terminal(e)).await;
+        } else {
+            self.wait_for(id, last, |e| {
+                matches!(e, Event::StatusChanged(s) if s.status == pb::ExecutionStatus::Running as i32)
+                    || terminal(e)
+            })
+            .await;
+        }
+        self.get(credentials, id).await
+    }
+
+    pub(crate) async fn resume(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        clear: bool,
+    ) -> Result<pb::Execution, Error> {
+        self.debug(credentials, id, "resume", clear).await
+    }
+
+    pub(crate) async fn step(&self, credentials: &Credentials, id: &str) -> Result<pb::Execution, Error> {
+        self.debug(credentials, id, "step", false).await
+    }
+
+    // --- RetryExecution ---
+
+    pub(crate) async fn retry(
+        &self,
+        p: &Principal,
+        credentials: Credentials,
+        request: pb::RetryExecutionRequest,
+    ) -> Result<pb::Execution, Error> {
+        let old = self.visible(&credentials, &request.execution_id, Access::Editor).await?;
+        let status = Status::parse(&old.status);
+        if !matches!(status, Status::Failed | Status::Cancelled | Status::Deadlocked) {
+            return Err(Error::precondition(
+                "NOT_FAILED",
+                format!(
+                    "the execution is {}; only failed, cancelled or deadlocked executions are retried",
+                    old.status
+                ),
+            ));
+        }
+        let stored: StoredOptions = serde_json::from_str(&old.options)
+            .map_err(|e| Error::Internal(format!("stored options: {e}")))?;
+        if !stored.record_messages {
+            return Err(Error::precondition(
+                "NOT_RECORDED",
+                "the execution did not record its messages (options.record_messages), so nothing can be replayed",
+            ));
+        }
+        let plan: Plan =
+            serde_json::from_str(&old.plan).map_err(|e| Error::Internal(format!("stored plan: {e}")))?;
+        let failed_node = old
+            .error
+            .as_deref()
+            .and_then(|e| serde_json::from_str::<StoredFailure>(e).ok())
+            .map(|f| f.node_id)
+            .unwrap_or_default();
+        let from = if request.from_node_id.is_empty() { failed_node } else { request.from_node_id.clone() };
+        if from.is_empty() {
+            return Err(Error::field("from_node_id", "is required: no node failed in that execution"));
+        }
+        if !plan.nodes.iter().any(|n| n.id == from) {
+            return Err(Error::field("from_node_id", format!("`{from}` is not a node of the execution")));
+        }
+        let options = match request.options.as_ref() {
+            Some(o) => {
+                let mut o =
+                    StoredOptions::from_pb(Some(o), &self.settings.executor).map_err(Error::fields)?;
+                o.record_messages = true;
+                o
+            }
+            None => stored,
+        };
+        let inputs: BTreeMap<String, Vec<Value>> = serde_json::from_str(&old.inputs).unwrap_or_default();
+        check_request(&plan, &options, &HashMap::new())?;
+        let row = execution::Model {
+            id: uuid::Uuid::now_v7().to_string(),
+            design_id: old.design_id.clone(),
+            design_revision: old.design_revision,
+            status: Status::Queued.as_str().into(),
+            started_by: p.user_id.clone(),
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            inputs: serde_json::to_string(&inputs).unwrap_or_else(|_| "{}".into()),
+            outputs: "{}".into(),
+            error: None,
+            nodes: old.nodes.clone(),
+            options: serde_json::to_string(&options).unwrap_or_else(|_| "{}".into()),
+            plan: old.plan.clone(),
+            attempt: 0,
+            retry_of: Some(old.id.clone()),
+            retry_from: Some(from),
+            paused_at: String::new(),
+            idempotency_key: None,
+        };
+        self.enqueue(row, credentials, None, &p.user_id, &old.design_id).await
+    }
+
+    /// For a retry: the recorded messages replayed into the rerun part, and the outputs of the
+    /// sinks not rerun.
+    async fn replay_for(
+        &self,
+        old: &str,
+        from: &str,
+        plan: &Plan,
+    ) -> Result<(HashMap<String, HashMap<String, Vec<Value>>>, BTreeMap<String, Vec<Value>>), Error> {
+        let mut rerun: HashSet<&str> = HashSet::from([from]);
+        loop {
+            let before = rerun.len();
+            for c in &plan.connections {
+                if rerun.contains(c.from.as_str()) {
+                    rerun.insert(c.to.as_str());
+                }
+            }
+            if rerun.len() == before {
+                break;
+            }
+        }
+        let recorded = repo::recordings(&self.db, old).await?;
+        let mut replay: HashMap<String, HashMap<String, Vec<Value>>> = HashMap::new();
+        for node in &plan.nodes {
+            if rerun.contains(node.id.as_str()) {
+                continue;
+            }
+            let feeds: HashMap<String, Vec<Value>> = plan
+                .connections
+                .iter()
+                .filter(|c| c.from == node.id && rerun.contains(c.to.as_str()))
+                .map(|c| (c.id.clone(), recorded.get(&c.id).cloned().unwrap_or_default()))
+                .collect();
+            replay.insert(node.id.clone(), feeds);
+        }
+        let old_outputs: BTreeMap<String, Vec<Value>> = match repo::get(&self.db, old).await? {
+            Some(row) => serde_json::from_str(&row.outputs).unwrap_or_default(),
+            None => BTreeMap::new(),
+        };
+        let carried = old_outputs.into_iter().filter(|(node, _)| !rerun.contains(node.as_str())).collect();
+        Ok((replay, carried))
+    }
+
+    // --- WatchExecution ---
+
+    pub(crate) async fn watch(
+        self: &Arc<Self>,
+        credentials: &Credentials,
+        id: &str,
+        after: &str,
+    ) -> Result<impl Stream<Item = Result<pb::WatchExecutionResponse, tonic::Status>> + Send + 'static, Error>
+    {
+        let row = self.visible(credentials, id, Access::Viewer).await?;
+        let after = if after.is_empty() {
+            EventId::ZERO
+        } else {
+            after.parse::<EventId>().map_err(|e| Error::field("after_event_id", e.to_string()))?
+        };
+        let name = stream(id);
+        match self.bus.read(&name, Some(after), 1).await {
+            Err(csp_bus::BusError::Truncated { trimmed_up_to, .. }) => {
+                return Err(Error::precondition(
+                    "EVENTS_TRIMMED",
+                    format!(
+                        "events up to {trimmed_up_to} are no longer kept (at most {} per execution); GetExecution has the final state",
+                        self.settings.executor.events_kept
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let events = self.bus.tail(&name, Some(after)).await?;
+        let id = id.to_owned();
+        let finished = Status::parse(&row.status).is_terminal();
+        let bus = self.bus.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            // An ended execution: what is left to read, then the end. A live one: until its
+            // final status.
+            if finished {
+                let mut cursor = after;
+                loop {
+                    let page = match bus.read(&name, Some(cursor), 500).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            let _ = tx.send(Err(tonic::Status::unavailable(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    if page.is_empty() {
+                        return;
+                    }
+                    for event in page {
+                        cursor = event.id;
+                        if tx.send(Ok(response(&id, &event))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let mut events = events;
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        let _ = tx.send(Err(tonic::Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let out = response(&id, &event);
+                let end = out.event.as_ref().and_then(|e| e.kind.as_ref()).is_some_and(terminal);
+                if tx.send(Ok(out)).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    // --- the worker ---
+
+    /// Starts reading jobs, claiming those of dead replicas, renewing leases, and following
+    /// control commands.
+    pub(crate) async fn spawn_workers(self: &Arc<Self>) -> Result<(), Error> {
+        self.bus.create_group(JOBS, GROUP, GroupStart::Beginning).await?;
+        let control = self.bus.tail(CONTROL, None).await?;
+        tokio::spawn(self.clone().take_jobs());
+        tokio::spawn(self.clone().claim_jobs());
+        tokio::spawn(self.clone().renew_leases());
+        tokio::spawn(self.clone().follow_commands(control));
+        Ok(())
+    }
+
+    async fn take_jobs(self: Arc<Self>) {
+        loop {
+            let Ok(permit) = self.slots.clone().acquire_owned().await else { return };
+            match self.bus.read_group(JOBS, GROUP, &self.me, 1, Duration::from_secs(2)).await {
+                Ok(mut jobs) => match jobs.pop() {
+                    Some(job) => {
+                        tokio::spawn(self.clone().run_job(job, permit));
+                    }
+                    None => drop(permit),
+                },
+                Err(e) => {
+                    drop(permit);
+                    tracing::warn!(error = %e, "cannot read the job queue");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn claim_jobs(self: Arc<Self>) {
+        let lease = self.settings.executor.lease;
+        loop {
+            tokio::time::sleep(lease / 2).await;
+            let free = self.slots.available_permits();
+            if free == 0 {
+                continue;
+            }
+            match self.bus.claim_idle(JOBS, GROUP, &self.me, lease, free).await {
+                Ok(jobs) => {
+                    for job in jobs {
+                        let Ok(permit) = self.slots.clone().try_acquire_owned() else { break };
+                        tracing::warn!(job = %job.event.id, deliveries = job.deliveries, "took over an execution whose replica stopped");
+                        tokio::spawn(self.clone().run_job(job, permit));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot claim abandoned executions"),
+            }
+        }
+    }
+
+    async fn renew_leases(self: Arc<Self>) {
+        let every = self.settings.executor.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let jobs: Vec<EventId> = lock(&self.running).values().map(|r| r.job).collect();
+            if jobs.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.bus.touch(JOBS, GROUP, &self.me, &jobs).await {
+                tracing::warn!(error = %e, "cannot renew the leases of running executions");
+            }
+        }
+    }
+
+    async fn follow_commands(
+        self: Arc<Self>,
+        mut commands: futures::stream::BoxStream<'static, csp_bus::Result<csp_bus::Event>>,
+    ) {
+        while let Some(event) = commands.next().await {
+            match event {
+                Ok(event) => {
+                    if let Ok(command) = serde_json::from_slice::<Command>(&event.payload) {
+                        self.apply(&command);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the control stream; following it again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match self.bus.tail(CONTROL, None).await {
+                        Ok(fresh) => commands = fresh,
+                        Err(_) => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_job(self: Arc<Self>, job: Delivery, _permit: OwnedSemaphorePermit) {
+        let id = String::from_utf8_lossy(&job.event.payload).into_owned();
+        let span = tracing::info_span!("execution", execution_id = %id);
+        job.event.follow_trace(&span);
+        let outcome =
+            tracing::Instrument::instrument(self.clone().run_execution(id.clone(), job.event.id), span).await;
+        match outcome {
+            Ok(()) => {
+                if let Err(e) = self.bus.ack(JOBS, GROUP, &[job.event.id]).await {
+                    tracing::warn!(execution_id = %id, error = %e, "cannot acknowledge a finished execution");
+                }
+            }
+            // Left pending: another replica (or this one) takes it again after the lease.
+            Err(e) => {
+                tracing::error!(execution_id = %id, error = %e, "the execution could not be run; it stays queued")
+            }
+        }
+        lock(&self.running).remove(&id);
+    }
+
+    async fn run_execution(self: Arc<Self>, id: String, job: EventId) -> Result<(), Error> {
+        let Some(row) = repo::get(&self.db, &id).await? else { return Ok(()) };
+        if Status::parse(&row.status).is_terminal() {
+            return Ok(());
+        }
+        let attempt = row.attempt + 1;
+        if !repo::start(&self.db, &id, attempt, now()).await? {
+            return Ok(());
+        }
+        if attempt > 1 {
+            let _ = self
+                .event(
+                    &id,
+                    Event::Log(pb::LogLine {
+                        node_id: String::new(),
+                        level: "warn".into(),
+                        message: format!("attempt {attempt}: the replica running this execution stopped; running it again from the start"),
+                        data: None,
+                    }),
+                )
+                .await;
+        }
+        self.status_event(&id, Status::Running, None).await;
+        metrics::counter!("csp_executor_executions_total", "status" => "running").increment(1);
+
+        let plan: Plan =
+            serde_json::from_str(&row.plan).map_err(|e| Error::Internal(format!("stored plan: {e}")))?;
+        let stored: StoredOptions = serde_json::from_str(&row.options)
+            .map_err(|e| Error::Internal(format!("stored options: {e}")))?;
+        let mut options = stored.to_runtime(&self.settings.executor);
+        options.inputs = serde_json::from_str(&row.inputs).unwrap_or_default();
+        options.shards = Some(self.shards.clone());
+        let mut carried = BTreeMap::new();
+        if let (Some(old), Some(from)) = (&row.retry_of, &row.retry_from) {
+            let (replay, outputs) = self.replay_for(old, from, &plan).await?;
+            options.replay = replay;
+            carried = outputs;
+        }
+        let credentials = lock(&self.credentials).get(&id).map(|(c, _)| c.clone()).unwrap_or_default();
+        let ai = Ai::new(&self.settings, credentials, &row.design_id)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let services =
+            Services { ai: Some(Arc::new(ai)), execution_id: id.clone(), traceparent: current_traceparent() };
+        let debugger = Debugger::new(stored.breakpoints.clone());
+        let cancel = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(4096);
+        let network = match Network::build(&plan, options, services, debugger.clone(), tx) {
+            Ok(network) => network,
+            Err(problems) => {
+                let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                let failure = pb::ExecutionError {
+                    code: "invalid_design".into(),
+                    message: format!("the design cannot run: {}", listed.join("; ")),
+                    ..Default::default()
+                };
+                return self.finish_with(&id, Status::Failed, "{}", Some(failure), &row.nodes).await;
+            }
+        };
+        let reason = Arc::new(Mutex::new(None));
+        lock(&self.running)
+            .insert(id.clone(), Running { cancel: cancel.clone(), debugger, job, reason: reason.clone() });
+        let pump = tokio::spawn(self.clone().pump(id.clone(), rx));
+        let outcome = network.run(cancel).await;
+        let _ = pump.await;
+        let cancelled_because = lock(&reason).clone();
+        self.record(&id, outcome, carried, cancelled_because).await
+    }
+
+    /// Publishes a running execution's events, and keeps its row in step (paused, metrics).
+    async fn pump(self: Arc<Self>, id: String, mut events: mpsc::Receiver<Event>) {
+        while let Some(kind) = events.recv().await {
+            let stored = match &kind {
+                Event::BreakpointHit(hit) => {
+                    repo::set_live_status(&self.db, &id, Status::Paused, &hit.node_id).await
+                }
+                Event::StatusChanged(s) if s.status == pb::ExecutionStatus::Running as i32 => {
+                    repo::set_live_status(&self.db, &id, Status::Running, "").await
+                }
+                Event::Metrics(snapshot) => {
+                    let nodes: Vec<StoredNode> = snapshot.nodes.iter().map(StoredNode::of).collect();
+                    repo::set_nodes(&self.db, &id, &serde_json::to_string(&nodes).unwrap_or_default()).await
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(execution_id = %id, error = %e, "cannot store the execution's state");
+            }
+            if let Err(e) = self.event(&id, kind).await {
+                tracing::warn!(execution_id = %id, error = %e, "cannot publish an execution event");
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        id: &str,
+        outcome: Outcome,
+        carried: BTreeMap<String, Vec<Value>>,
+        cancelled_because: Option<String>,
+    ) -> Result<(), Error> {
+        let status = match outcome.ending {
+            Ending::Succeeded => Status::Succeeded,
+            Ending::Failed => Status::Failed,
+            Ending::Cancelled => Status::Cancelled,
+            Ending::Deadlocked => Status::Deadlocked,
+        };
+        let mut error = outcome.error.clone();
+        if let (Some(e), Some(reason)) = (error.as_mut(), cancelled_because) {
+            e.message = reason;
+        }
+        let mut outputs = carried;
+        outputs.extend(outcome.outputs.clone());
+        let outputs = serde_json::to_string(&outputs).unwrap_or_else(|_| "{}".into());
+        let nodes: Vec<StoredNode> = outcome.nodes.iter().map(StoredNode::of).collect();
+        let nodes = serde_json::to_string(&nodes).unwrap_or_else(|_| "[]".into());
+        if !outcome.recorded.is_empty() {
+            repo::save_recordings(&self.db, id, &outcome.recorded).await?;
+        }
+        self.finish_with(id, status, &outputs, error, &nodes).await
+    }
+
+    async fn finish_with(
+        &self,
+        id: &str,
+        status: Status,
+        outputs: &str,
+        error: Option<pb::ExecutionError>,
+        nodes: &str,
+    ) -> Result<(), Error> {
+        let stored = error.as_ref().map(|e| serde_json::to_string(&StoredFailure::of(e)).unwrap_or_default());
+        repo::finish(&self.db, id, status, now(), outputs, stored, nodes).await?;
+        metrics::counter!("csp_executor_executions_total", "status" => status.as_str()).increment(1);
+        self.status_event(id, status, error).await;
+        lock(&self.credentials).remove(id);
+        Ok(())
+    }
+}
+
+/// Whether an event is an execution's last.
+fn terminal(event: &Event) -> bool {
+    matches!(event, Event::StatusChanged(s) if Status::from_pb(pb::ExecutionStatus::try_from(s.status).unwrap_or_default()).is_some_and(Status::is_terminal))
+}
+
+fn response(id: &str, event: &csp_bus::Event) -> pb::WatchExecutionResponse {
+    let mut decoded = pb::ExecutionEvent::decode(event.payload.as_ref()).unwrap_or_default();
+    decoded.event_id = event.id.to_string();
+    decoded.execution_id = id.to_owned();
+    pb::WatchExecutionResponse { event: Some(decoded) }
+}
+
+fn current_traceparent() -> String {
+    let mut headers = std::collections::BTreeMap::new();
+    csp_platform::telemetry::inject_context(&mut csp_platform::telemetry::MapCarrier(&mut headers));
+    headers.remove("traceparent").unwrap_or_default()
+}
+
+/// Checks a request's node ids (options, inputs) against the plan; returns the inputs.
+fn check_request(
+    plan: &Plan,
+    options: &StoredOptions,
+    inputs: &HashMap<String, prost_types::ListValue>,
+) -> Result<BTreeMap<String, Vec<Value>>, Error> {
+    let ids: HashSet<&str> = plan.nodes.iter().map(|n| n.id.as_str()).collect();
+    let sources = plan::inputs(plan);
+    let mut v = Vec::new();
+    for node in &options.breakpoints {
+        if !ids.contains(node.as_str()) {
+            v.push(FieldViolation::new(
+                "options.breakpoints",
+                format!("`{node}` is not a node of the design"),
+            ));
+        }
+    }
+    for node in options.node_policies.keys() {
+        if !ids.contains(node.as_str()) {
+            v.push(FieldViolation::new(
+                format!("options.node_policies[{node}]"),
+                "is not a node of the design",
+            ));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (node, values) in inputs {
+        if !sources.contains_key(node.as_str()) {
+            let known: Vec<&str> = sources.keys().copied().collect();
+            let hint = if known.is_empty() {
+                "the design has no source.input node".to_owned()
+            } else {
+                format!("its inputs are {}", known.join(", "))
+            };
+            v.push(FieldViolation::new(
+                format!("inputs[{node}]"),
+                format!("is not a source.input node; {hint}"),
+            ));
+            continue;
+        }
+        out.insert(node.clone(), values.values.iter().cloned().map(pbjson::from_value).collect());
+    }
+    if v.is_empty() { Ok(out) } else { Err(Error::fields(v)) }
+}
