@@ -478,11 +478,128 @@ async fn a_first_design_through_the_gateway(env: TestEnv) {
     assert_eq!(listed.len(), 2);
 }
 
+/// A new user's first run, through the gateway: a design of three nodes, an execution started
+/// with inputs, its events streamed to the end, and its outputs read back.
+async fn a_first_execution_through_the_gateway(env: TestEnv) {
+    use csp_proto::{design::v1 as dpb, executor::v1 as pb};
+    use pb::execution_event::Kind as Event;
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let addr = csp.gateway;
+    let admin = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
+    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
+    let request = csp_proto::auth::v1::CreateUserRequest {
+        username: "erin".into(),
+        email: "erin@example.com".into(),
+        password: "correct horse battery staple".into(),
+        roles: vec![csp_proto::auth::v1::Role::Designer as i32],
+        ..Default::default()
+    };
+    auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap();
+    let token =
+        login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token;
+
+    let mut designs = dpb::design_service_client::DesignServiceClient::new(channel(addr).await);
+    let request = dpb::CreateDesignRequest { name: "Greeting".into(), ..Default::default() };
+    let design = designs
+        .create_design(csp_testkit::authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .design
+        .unwrap();
+    let node = |id: &str, type_id: &str, config: serde_json::Value| dpb::Op {
+        op: Some(dpb::op::Op::AddNode(dpb::AddNodeOp {
+            node: Some(dpb::Node {
+                id: id.into(),
+                r#type: type_id.into(),
+                config: Some(csp_proto::json::to_struct(config)),
+                ..Default::default()
+            }),
+        })),
+    };
+    let link = |id: &str, from: &str, to: &str| dpb::Op {
+        op: Some(dpb::op::Op::AddConnection(dpb::AddConnectionOp {
+            connection: Some(dpb::Connection {
+                id: id.into(),
+                from: Some(dpb::PortAddress { node_id: from.into(), port: "out".into() }),
+                to: Some(dpb::PortAddress { node_id: to.into(), port: "in".into() }),
+                ..Default::default()
+            }),
+        })),
+    };
+    let request = dpb::ApplyOpsRequest {
+        design_id: design.id.clone(),
+        expected_revision: design.revision,
+        ops: vec![
+            node("people", "source.input", serde_json::json!({})),
+            node("greet", "transform.template", serde_json::json!({ "template": "Hello, {{ name }}!" })),
+            node("result", "sink.output", serde_json::json!({})),
+            link("c1", "people", "greet"),
+            link("c2", "greet", "result"),
+        ],
+    };
+    designs.apply_ops(csp_testkit::authed(request, &token)).await.unwrap();
+
+    let mut executor = pb::executor_service_client::ExecutorServiceClient::new(channel(addr).await);
+    let names = ["Ada", "Grace"].map(|name| csp_proto::json::to_value(serde_json::json!({ "name": name })));
+    let request = pb::StartExecutionRequest {
+        design_id: design.id.clone(),
+        inputs: [("people".to_owned(), prost_types::ListValue { values: names.to_vec() })].into(),
+        ..Default::default()
+    };
+    let started = executor
+        .start_execution(csp_testkit::authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(started.design_revision, 2);
+
+    let request =
+        pb::WatchExecutionRequest { execution_id: started.id.clone(), after_event_id: String::new() };
+    let mut stream =
+        executor.watch_execution(csp_testkit::authed(request, &token)).await.unwrap().into_inner();
+    let mut statuses = Vec::new();
+    let mut emitted = Vec::new();
+    while let Some(response) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.unwrap() {
+        match response.unwrap().event.unwrap().kind.unwrap() {
+            Event::StatusChanged(changed) => statuses.push(changed.status),
+            Event::Output(output) => emitted.push(csp_proto::json::from_value(output.payload.unwrap())),
+            _ => {}
+        }
+    }
+    let expected = [serde_json::json!("Hello, Ada!"), serde_json::json!("Hello, Grace!")];
+    assert_eq!(emitted, expected, "outputs stream live");
+    assert_eq!(
+        statuses,
+        [pb::ExecutionStatus::Queued, pb::ExecutionStatus::Running, pb::ExecutionStatus::Succeeded]
+            .map(|s| s as i32),
+        "the stream ends once the execution has"
+    );
+
+    let request = pb::GetExecutionRequest { execution_id: started.id.clone() };
+    let done = executor
+        .get_execution(csp_testkit::authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(done.status, pb::ExecutionStatus::Succeeded as i32);
+    let outputs: Vec<serde_json::Value> =
+        done.outputs["result"].values.iter().cloned().map(csp_proto::json::from_value).collect();
+    assert_eq!(outputs, expected);
+}
+
 csp_testkit::backend_tests!(
     the_whole_system_runs_and_stops_cleanly,
     migrate_prepares_every_service,
     sessions_and_revocation_through_the_gateway,
     a_first_design_through_the_gateway,
+    a_first_execution_through_the_gateway,
 );
 
 /// Runs the binary to completion with a timeout.

@@ -10,6 +10,9 @@
 //! - `design`: GetDesign and ApplyOps per second through the gateway on designs of 200 nodes,
 //!   PostgreSQL + Redis (`CSP_BENCH_DATABASE_URL`, `CSP_BENCH_REDIS_URL`; the local servers by
 //!   default), each in a database and key prefix of its own, dropped afterwards.
+//! - `executions`: small executions (input → set → output) per second, each started and
+//!   watched to its end by one of many concurrent clients, on the embedded default and on
+//!   PostgreSQL + Redis (see `executions.rs`).
 
 #![allow(clippy::print_stdout)]
 
@@ -24,9 +27,11 @@ use csp_platform::{
 };
 
 mod design;
+mod executions;
 mod runtime;
 
-const WORKLOADS: &[&str] = &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency"];
+const WORKLOADS: &[&str] =
+    &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency", "executions"];
 
 /// See the workspace's Cargo.toml: messages cross worker threads.
 #[global_allocator]
@@ -50,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             "fan" => runtime::fan_workload()?,
             "chain10jq" => runtime::chain10jq()?,
             "latency" => runtime::latency()?,
+            "executions" => executions::run()?,
             _ => unreachable!(),
         }
     }

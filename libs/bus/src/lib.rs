@@ -220,6 +220,22 @@ pub trait EventBus: Counters {
     /// Appends an event; with `cap`, trims the stream to at most `cap` events.
     async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId>;
 
+    /// Appends events in order, in one round trip where the backend allows; with `cap`, trims
+    /// the stream to at most `cap` events afterwards. Either all are appended or none (on Redis
+    /// the batch runs as one script).
+    async fn append_all(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        cap: Option<u64>,
+    ) -> Result<Vec<EventId>> {
+        let mut ids = Vec::with_capacity(events.len());
+        for event in events {
+            ids.push(self.append(stream, event, cap).await?);
+        }
+        Ok(ids)
+    }
+
     /// Up to `limit` events strictly after `after`; `None` reads from the oldest event kept.
     /// Fails with [`BusError::Truncated`] when events after `after` were trimmed away.
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>>;

@@ -217,16 +217,31 @@ impl EventBus for MemoryBus {
     }
 
     async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId> {
+        let ids = self.append_all(stream, vec![event], cap).await?;
+        Ok(ids.first().copied().unwrap_or_default())
+    }
+
+    async fn append_all(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        cap: Option<u64>,
+    ) -> Result<Vec<EventId>> {
         let mut streams = self.lock();
         let state = streams.entry(stream.to_owned()).or_insert_with(StreamState::new);
-        let ms = now_ms().max(state.last_id.ms);
-        let id = if ms == state.last_id.ms {
-            EventId::new(ms, state.last_id.seq + 1)
-        } else {
-            EventId::new(ms, 0)
-        };
-        state.last_id = id;
-        state.entries.push_back(Event { id, headers: event.headers, payload: event.payload });
+        let mut ids = Vec::with_capacity(events.len());
+        for event in events {
+            let ms = now_ms().max(state.last_id.ms);
+            let id = if ms == state.last_id.ms {
+                EventId::new(ms, state.last_id.seq + 1)
+            } else {
+                EventId::new(ms, 0)
+            };
+            state.last_id = id;
+            state.entries.push_back(Event { id, headers: event.headers, payload: event.payload });
+            ids.push(id);
+        }
+        let Some(&id) = ids.last() else { return Ok(ids) };
         if let Some(cap) = cap {
             while state.entries.len() as u64 > cap {
                 if let Some(trimmed) = state.entries.pop_front() {
@@ -235,7 +250,7 @@ impl EventBus for MemoryBus {
             }
         }
         state.notify.send_replace(id);
-        Ok(id)
+        Ok(ids)
     }
 
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {

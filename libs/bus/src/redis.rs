@@ -318,6 +318,33 @@ impl EventBus for RedisBus {
         id.parse()
     }
 
+    async fn append_all(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        cap: Option<u64>,
+    ) -> Result<Vec<EventId>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = Vec::with_capacity(2 + events.len() * 4);
+        args.push(Value::Integer(cap.map_or(0, |cap| cap.max(1) as i64)));
+        for event in events {
+            args.push(Value::Integer(2 * (1 + event.headers.len() as i64)));
+            args.push(Value::from(PAYLOAD_FIELD));
+            args.push(Value::Bytes(event.payload));
+            for (name, value) in event.headers {
+                args.push(Value::from(format!("{HEADER_PREFIX}{name}")));
+                args.push(Value::from(value));
+            }
+        }
+        let ids: Vec<String> = append_all_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
+            .await
+            .map_err(unavailable)?;
+        ids.iter().map(|id| id.parse()).collect()
+    }
+
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
         let key = self.key(stream);
         if let Some(after) = after {
@@ -740,6 +767,35 @@ if trimmed then
   redis.call('XSETID', KEYS[1], id, 'MAXDELETEDID', trimmed)
 end
 return id
+"#,
+        )
+    })
+}
+
+/// Several XADDs in one call (ARGV: cap or 0, then per event its field count and fields), then
+/// the trim of `capped_append_script`.
+fn append_all_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local cap = tonumber(ARGV[1])
+local ids = {}
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  i = i + 1 + n
+end
+if cap > 0 then
+  local excess = redis.call('XLEN', KEYS[1]) - cap
+  if excess > 0 then
+    local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+    redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', cap)
+    redis.call('XSETID', KEYS[1], ids[#ids], 'MAXDELETEDID', old[#old][1])
+  end
+end
+return ids
 "#,
         )
     })

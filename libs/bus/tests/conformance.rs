@@ -125,6 +125,31 @@ async fn the_cap_holds_and_trimmed_history_is_reported(env: TestEnv) {
     }
 }
 
+async fn batches_append_in_order_and_respect_the_cap(env: TestEnv) {
+    let bus = env.bus();
+    let before = bus.append("b", payload(0), None).await.unwrap();
+    let mut tail = bus.tail("b", Some(before)).await.unwrap();
+    let batch = (1..6).map(payload).collect();
+    let ids = bus.append_all("b", batch, None).await.unwrap();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]) && before < ids[0], "ids strictly increase: {ids:?}");
+    let read = bus.read("b", Some(before), 100).await.unwrap();
+    assert_eq!(numbers(&read), [1, 2, 3, 4, 5]);
+    assert_eq!(read.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+    assert_eq!(read[2].headers["n"], "3", "headers survive");
+    assert_eq!(numbers(&take(&mut tail, 5).await), [1, 2, 3, 4, 5], "tails see a batch as it lands");
+    assert!(bus.append_all("b", Vec::new(), None).await.unwrap().is_empty());
+
+    // A capped batch larger than the cap keeps its newest events and reports the trim.
+    let ids = bus.append_all("b", (6..20).map(payload).collect(), Some(4)).await.unwrap();
+    assert_eq!(numbers(&bus.read("b", None, 100).await.unwrap()), [16, 17, 18, 19]);
+    match bus.read("b", Some(ids[5]), 100).await {
+        Err(BusError::Truncated { .. }) => {}
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+    assert_eq!(numbers(&bus.read("b", Some(ids[9]), 100).await.unwrap()), [16, 17, 18, 19]);
+}
+
 async fn tails_see_backlog_then_live_events(env: TestEnv) {
     let bus = env.bus();
     append_n(&bus, "t", 0..3).await;
@@ -381,6 +406,7 @@ csp_testkit::backend_tests!(
     appends_keep_order_and_round_trip,
     readers_resume_without_gaps_or_repeats,
     the_cap_holds_and_trimmed_history_is_reported,
+    batches_append_in_order_and_respect_the_cap,
     tails_see_backlog_then_live_events,
     many_concurrent_tails_each_get_their_stream,
     a_slow_tail_loses_nothing,

@@ -113,13 +113,16 @@ impl Designs {
         cache.insert(Self::key(credentials, id), (access, Instant::now()));
     }
 
+    /// The caller's access to a design as last seen, if that was recent.
+    pub(crate) fn known_access(&self, credentials: &Credentials, id: &str) -> Option<Access> {
+        let key = Self::key(credentials, id);
+        let cache = self.access.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.get(&key).filter(|(_, at)| at.elapsed() < ACCESS_TTL).map(|(access, _)| *access)
+    }
+
     /// The caller's access to a design; NOT_FOUND when they have none.
     pub(crate) async fn access(&self, credentials: &Credentials, id: &str) -> Result<Access, Error> {
-        let key = Self::key(credentials, id);
-        if let Some((access, at)) =
-            self.access.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).copied()
-            && at.elapsed() < ACCESS_TTL
-        {
+        if let Some(access) = self.known_access(credentials, id) {
             return Ok(access);
         }
         let design = self.design(credentials, id, 0).await?;

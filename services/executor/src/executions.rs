@@ -37,7 +37,17 @@ use crate::{
     plan, repo,
     runtime::{Debugger, Ending, Network, Outcome, Plan, Services, Shards},
     stored::{Status, StoredFailure, StoredNode, StoredOptions},
+    writer::{Write, Writer},
 };
+
+/// A watch that hears nothing this long checks whether its execution has ended.
+const WATCH_QUIET: Duration = Duration::from_secs(5);
+
+/// How long a built plan is reused: bounds how late a start sees a change of a sub-design it
+/// calls or of a custom component's endpoint (the design's own changes make new revisions).
+const PLAN_TTL: Duration = Duration::from_secs(30);
+/// Most plans kept.
+const MAX_PLANS: usize = 1024;
 
 /// The job queue.
 pub(crate) const JOBS: &str = "executor:jobs";
@@ -133,6 +143,15 @@ struct Command {
     reason: String,
 }
 
+/// A design id and revision.
+type DesignRevision = (String, i64);
+
+/// A plan and since when it is kept.
+type KeptPlan = (Arc<Plan>, Instant);
+
+/// An execution stored by this replica and not taken yet: its row and plan.
+type Queued = (execution::Model, Arc<Plan>, Instant);
+
 /// The executor's state.
 pub(crate) struct Executor {
     db: DatabaseConnection,
@@ -147,6 +166,12 @@ pub(crate) struct Executor {
     /// Credentials of whoever started executions queued here, for their AI calls (kept in
     /// memory only, never stored).
     credentials: Mutex<HashMap<String, (Credentials, Instant)>>,
+    /// Executions stored here and not yet taken: the replica that takes one here need not
+    /// read it back.
+    queued_here: Mutex<HashMap<String, Queued>>,
+    /// Plans by design and revision, recently built (see `plan_for`).
+    plans: Mutex<HashMap<DesignRevision, KeptPlan>>,
+    writer: Writer,
     slots: Arc<Semaphore>,
 }
 
@@ -167,6 +192,9 @@ impl Executor {
         let shards = Shards::start(threads).map_err(|e| crate::Error::Runtime(e.to_string()))?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "executor".into());
         Ok(Arc::new(Self {
+            writer: Writer::start(db.clone()),
+            queued_here: Mutex::new(HashMap::new()),
+            plans: Mutex::new(HashMap::new()),
             db,
             bus,
             designs: Designs::new(settings)?,
@@ -181,15 +209,26 @@ impl Executor {
     }
 
     /// Appends an event to an execution's stream.
-    async fn event(&self, id: &str, kind: Event) -> Result<EventId, Error> {
-        let event = pb::ExecutionEvent {
-            event_id: String::new(),
-            execution_id: id.to_owned(),
-            time: Some(timestamp(Utc::now())),
-            kind: Some(kind),
-        };
-        let new = NewEvent::new(event.encode_to_vec()).with_trace_context();
-        Ok(self.bus.append(&stream(id), new, Some(self.settings.executor.events_kept)).await?)
+    async fn event(&self, id: &str, kind: Event) -> Result<(), Error> {
+        self.events(id, [kind]).await
+    }
+
+    /// Publishes events of one execution, in order, in one bus call.
+    async fn events(&self, id: &str, kinds: impl IntoIterator<Item = Event>) -> Result<(), Error> {
+        let new: Vec<NewEvent> = kinds
+            .into_iter()
+            .map(|kind| {
+                let event = pb::ExecutionEvent {
+                    event_id: String::new(),
+                    execution_id: String::new(),
+                    time: Some(timestamp(Utc::now())),
+                    kind: Some(kind),
+                };
+                NewEvent::new(event.encode_to_vec()).with_trace_context()
+            })
+            .collect();
+        self.bus.append_all(&stream(id), new, Some(self.settings.executor.events_kept)).await?;
+        Ok(())
     }
 
     async fn status_event(&self, id: &str, status: Status, error: Option<pb::ExecutionError>) {
@@ -239,29 +278,11 @@ impl Executor {
         {
             return self.same_start(existing, &request.design_id);
         }
-        let design = self.designs.design(&credentials, &request.design_id, request.design_revision).await?;
-        if design.access < csp_proto::design::v1::Access::Editor as i32 {
-            return Err(Error::Forbidden("you can view this design but not run it".into()));
-        }
-        let revision = design.revision;
-        let plan = plan::build(design, &self.designs, &self.registry, &credentials).await?;
+        let (revision, plan) =
+            self.plan_for(&credentials, &request.design_id, request.design_revision).await?;
         let options = StoredOptions::from_pb(request.options.as_ref(), &self.settings.executor)
             .map_err(Error::fields)?;
         let inputs = check_request(&plan, &options, &request.inputs)?;
-        // Build it once now, so a design that cannot run is refused here, not queued.
-        let mut runtime_options = options.to_runtime(&self.settings.executor);
-        runtime_options.inputs = inputs.clone().into_iter().collect();
-        runtime_options.shards = Some(self.shards.clone());
-        let (tx, _rx) = mpsc::channel(1);
-        if let Err(problems) =
-            Network::build(&plan, runtime_options, Services::default(), Debugger::new([]), tx)
-        {
-            let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
-            return Err(Error::precondition(
-                "DESIGN_INVALID",
-                format!("the design cannot run: {}", listed.join("; ")),
-            ));
-        }
         let id = uuid::Uuid::now_v7().to_string();
         let pending: Vec<StoredNode> = plan
             .nodes
@@ -296,7 +317,65 @@ impl Executor {
             paused_at: String::new(),
             idempotency_key: key.clone(),
         };
-        self.enqueue(row, credentials, key.as_deref(), &p.user_id, &request.design_id).await
+        self.enqueue(row, plan, credentials, key.as_deref(), &p.user_id, &request.design_id).await
+    }
+
+    /// The plan of a design revision (0: the current one) the caller may run, checked to
+    /// build. Plans are kept for [`PLAN_TTL`] by design and revision: a start naming a revision
+    /// it has run lately, by a caller whose access is known, asks the design service nothing.
+    async fn plan_for(
+        &self,
+        credentials: &Credentials,
+        design_id: &str,
+        revision: i64,
+    ) -> Result<(i64, Arc<Plan>), Error> {
+        let kept = |revision: i64| {
+            let plans = lock(&self.plans);
+            plans
+                .get(&(design_id.to_owned(), revision))
+                .filter(|(_, at)| at.elapsed() < PLAN_TTL)
+                .map(|(plan, _)| plan.clone())
+        };
+        if revision > 0
+            && let Some(access) = self.designs.known_access(credentials, design_id)
+            && let Some(plan) = kept(revision)
+        {
+            return match access {
+                Access::Editor => Ok((revision, plan)),
+                Access::Viewer => Err(Error::Forbidden("you can view this design but not run it".into())),
+            };
+        }
+        let design = self.designs.design(credentials, design_id, revision).await?;
+        if design.access < csp_proto::design::v1::Access::Editor as i32 {
+            return Err(Error::Forbidden("you can view this design but not run it".into()));
+        }
+        let revision = design.revision;
+        if let Some(plan) = kept(revision) {
+            return Ok((revision, plan));
+        }
+        let plan = plan::build(design, &self.designs, &self.registry, credentials).await?;
+        // Build it once now, so a design that cannot run is refused here, not queued.
+        let defaults = StoredOptions::from_pb(None, &self.settings.executor).map_err(Error::fields)?;
+        let mut options = defaults.to_runtime(&self.settings.executor);
+        options.shards = Some(self.shards.clone());
+        let (tx, _rx) = mpsc::channel(1);
+        if let Err(problems) = Network::build(&plan, options, Services::default(), Debugger::new([]), tx) {
+            let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(Error::precondition(
+                "DESIGN_INVALID",
+                format!("the design cannot run: {}", listed.join("; ")),
+            ));
+        }
+        let plan = Arc::new(plan);
+        let mut plans = lock(&self.plans);
+        if plans.len() >= MAX_PLANS {
+            plans.retain(|_, (_, at)| at.elapsed() < PLAN_TTL);
+            if plans.len() >= MAX_PLANS {
+                plans.clear();
+            }
+        }
+        plans.insert((design_id.to_owned(), revision), (plan.clone(), Instant::now()));
+        Ok((revision, plan))
     }
 
     fn same_start(&self, existing: execution::Model, design_id: &str) -> Result<pb::Execution, Error> {
@@ -307,23 +386,33 @@ impl Executor {
     }
 
     /// Stores a new execution, announces it and queues its job.
+    #[allow(clippy::too_many_arguments)]
     async fn enqueue(
         &self,
         row: execution::Model,
+        plan: Arc<Plan>,
         credentials: Credentials,
         key: Option<&str>,
         user: &str,
         design_id: &str,
     ) -> Result<pb::Execution, Error> {
         let id = row.id.clone();
-        if let Err(e) = repo::insert(&self.db, row.clone()).await {
+        let inserted = self.writer.write(Write::Insert(Box::new(row.clone()))).await?;
+        if !inserted {
             // Two starts with one key raced: the other one won.
             if let Some(key) = key
                 && let Some(existing) = repo::by_idempotency_key(&self.db, user, key).await?
             {
                 return self.same_start(existing, design_id);
             }
-            return Err(e.into());
+            return Err(Error::Internal(format!("execution {id} could not be stored")));
+        }
+        {
+            let mut queued = lock(&self.queued_here);
+            if queued.len() >= 10_000 {
+                queued.retain(|_, (_, _, at)| at.elapsed() < Duration::from_secs(60));
+            }
+            queued.insert(id.clone(), (row.clone(), plan, Instant::now()));
         }
         {
             let mut kept = lock(&self.credentials);
@@ -457,7 +546,8 @@ impl Executor {
                 let failure =
                     StoredFailure { code: "cancelled".into(), message: reason.clone(), ..Default::default() };
                 let stored = serde_json::to_string(&failure).unwrap_or_default();
-                if repo::cancel_queued(&self.db, id, now(), &stored).await? {
+                let write = Write::CancelQueued { id: id.to_owned(), at: now(), error: stored };
+                if self.writer.write(write).await? {
                     metrics::counter!("csp_executor_executions_total", "status" => "cancelled").increment(1);
                     self.status_event(id, Status::Cancelled, Some(failure.to_pb())).await;
                 } else {
@@ -609,7 +699,7 @@ impl Executor {
             paused_at: String::new(),
             idempotency_key: None,
         };
-        self.enqueue(row, credentials, None, &p.user_id, &old.design_id).await
+        self.enqueue(row, Arc::new(plan), credentials, None, &p.user_id, &old.design_id).await
     }
 
     /// For a retry: the recorded messages replayed into the rerun part, and the outputs of the
@@ -685,46 +775,46 @@ impl Executor {
         }
         let events = self.bus.tail(&name, Some(after)).await?;
         let id = id.to_owned();
-        let finished = Status::parse(&row.status).is_terminal();
-        let bus = self.bus.clone();
+        let mut finished = Status::parse(&row.status).is_terminal();
+        let db = self.db.clone();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            // An ended execution: what is left to read, then the end. A live one: until its
-            // final status.
-            if finished {
-                let mut cursor = after;
-                loop {
-                    let page = match bus.read(&name, Some(cursor), 500).await {
-                        Ok(page) => page,
-                        Err(e) => {
-                            let _ = tx.send(Err(tonic::Status::unavailable(e.to_string()))).await;
-                            return;
-                        }
-                    };
-                    if page.is_empty() {
-                        return;
-                    }
-                    for event in page {
-                        cursor = event.id;
-                        if tx.send(Ok(response(&id, &event))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
+            // Until the final status event. Should that never come (the bus failed as the
+            // execution ended), a quiet stream whose execution has ended in the database ends
+            // too.
             let mut events = events;
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        let _ = tx.send(Err(tonic::Status::unavailable(e.to_string()))).await;
-                        return;
+            let mut quiet = tokio::time::interval(WATCH_QUIET);
+            quiet.reset();
+            let mut heard = false;
+            loop {
+                tokio::select! {
+                    event = events.next() => {
+                        heard = true;
+                        let event = match event {
+                            Some(Ok(event)) => event,
+                            Some(Err(e)) => {
+                                let _ = tx.send(Err(tonic::Status::unavailable(e.to_string()))).await;
+                                return;
+                            }
+                            None => return,
+                        };
+                        let out = response(&id, &event);
+                        let end = out.event.as_ref().and_then(|e| e.kind.as_ref()).is_some_and(terminal);
+                        if tx.send(Ok(out)).await.is_err() || end {
+                            return;
+                        }
                     }
-                };
-                let out = response(&id, &event);
-                let end = out.event.as_ref().and_then(|e| e.kind.as_ref()).is_some_and(terminal);
-                if tx.send(Ok(out)).await.is_err() || end {
-                    return;
+                    _ = quiet.tick() => {
+                        if !std::mem::take(&mut heard) {
+                            if !finished {
+                                finished = repo::get(&db, &id).await.ok().flatten()
+                                    .is_some_and(|row| Status::parse(&row.status).is_terminal());
+                            } else {
+                                return;
+                            }
+                        }
+                    }
+                    () = tx.closed() => return,
                 }
             }
         });
@@ -739,48 +829,50 @@ impl Executor {
         self.bus.create_group(JOBS, GROUP, GroupStart::Beginning).await?;
         let control = self.bus.tail(CONTROL, None).await?;
         tokio::spawn(self.clone().take_jobs());
-        tokio::spawn(self.clone().claim_jobs());
         tokio::spawn(self.clone().renew_leases());
         tokio::spawn(self.clone().follow_commands(control));
         Ok(())
     }
 
+    /// Takes as many jobs at once as there are free slots: first, every half lease, those
+    /// whose replica stopped renewing them, then new ones.
     async fn take_jobs(self: Arc<Self>) {
+        let lease = self.settings.executor.lease;
+        let mut claimed_at = Instant::now();
         loop {
-            let Ok(permit) = self.slots.clone().acquire_owned().await else { return };
-            match self.bus.read_group(JOBS, GROUP, &self.me, 1, Duration::from_secs(2)).await {
-                Ok(mut jobs) => match jobs.pop() {
-                    Some(job) => {
+            let Ok(first) = self.slots.clone().acquire_owned().await else { return };
+            let mut permits = vec![first];
+            while let Ok(more) = self.slots.clone().try_acquire_owned() {
+                permits.push(more);
+            }
+            if claimed_at.elapsed() >= lease / 2 {
+                claimed_at = Instant::now();
+                match self.bus.claim_idle(JOBS, GROUP, &self.me, lease, permits.len()).await {
+                    Ok(jobs) => {
+                        for job in jobs {
+                            let Some(permit) = permits.pop() else { break };
+                            tracing::warn!(job = %job.event.id, deliveries = job.deliveries, "took over an execution whose replica stopped");
+                            tokio::spawn(self.clone().run_job(job, permit));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot claim abandoned executions"),
+                }
+                if permits.is_empty() {
+                    continue;
+                }
+            }
+            let wait = (lease / 2).min(Duration::from_secs(2));
+            match self.bus.read_group(JOBS, GROUP, &self.me, permits.len(), wait).await {
+                Ok(jobs) => {
+                    for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
                         tokio::spawn(self.clone().run_job(job, permit));
                     }
-                    None => drop(permit),
-                },
+                }
                 Err(e) => {
-                    drop(permit);
+                    drop(permits);
                     tracing::warn!(error = %e, "cannot read the job queue");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-            }
-        }
-    }
-
-    async fn claim_jobs(self: Arc<Self>) {
-        let lease = self.settings.executor.lease;
-        loop {
-            tokio::time::sleep(lease / 2).await;
-            let free = self.slots.available_permits();
-            if free == 0 {
-                continue;
-            }
-            match self.bus.claim_idle(JOBS, GROUP, &self.me, lease, free).await {
-                Ok(jobs) => {
-                    for job in jobs {
-                        let Ok(permit) = self.slots.clone().try_acquire_owned() else { break };
-                        tracing::warn!(job = %job.event.id, deliveries = job.deliveries, "took over an execution whose replica stopped");
-                        tokio::spawn(self.clone().run_job(job, permit));
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot claim abandoned executions"),
             }
         }
     }
@@ -843,12 +935,23 @@ impl Executor {
     }
 
     async fn run_execution(self: Arc<Self>, id: String, job: EventId) -> Result<(), Error> {
-        let Some(row) = repo::get(&self.db, &id).await? else { return Ok(()) };
+        let here = lock(&self.queued_here).remove(&id);
+        let (row, plan) = match here {
+            Some((row, plan, _)) => (row, plan),
+            None => match repo::get(&self.db, &id).await? {
+                Some(row) => {
+                    let plan: Plan = serde_json::from_str(&row.plan)
+                        .map_err(|e| Error::Internal(format!("stored plan: {e}")))?;
+                    (row, Arc::new(plan))
+                }
+                None => return Ok(()),
+            },
+        };
         if Status::parse(&row.status).is_terminal() {
             return Ok(());
         }
         let attempt = row.attempt + 1;
-        if !repo::start(&self.db, &id, attempt, now()).await? {
+        if !self.writer.write(Write::Start { id: id.clone(), attempt, at: now() }).await? {
             return Ok(());
         }
         if attempt > 1 {
@@ -867,8 +970,6 @@ impl Executor {
         self.status_event(&id, Status::Running, None).await;
         metrics::counter!("csp_executor_executions_total", "status" => "running").increment(1);
 
-        let plan: Plan =
-            serde_json::from_str(&row.plan).map_err(|e| Error::Internal(format!("stored plan: {e}")))?;
         let stored: StoredOptions = serde_json::from_str(&row.options)
             .map_err(|e| Error::Internal(format!("stored options: {e}")))?;
         let mut options = stored.to_runtime(&self.settings.executor);
@@ -911,26 +1012,39 @@ impl Executor {
     }
 
     /// Publishes a running execution's events, and keeps its row in step (paused, metrics).
+    /// Events that arrive together are published together, in one bus call; the row is
+    /// updated first, so a client seeing an event reads a row at least as new.
     async fn pump(self: Arc<Self>, id: String, mut events: mpsc::Receiver<Event>) {
-        while let Some(kind) = events.recv().await {
-            let stored = match &kind {
-                Event::BreakpointHit(hit) => {
-                    repo::set_live_status(&self.db, &id, Status::Paused, &hit.node_id).await
+        const BATCH: usize = 256;
+        let mut batch = Vec::with_capacity(BATCH);
+        while events.recv_many(&mut batch, BATCH).await > 0 {
+            let mut live = None;
+            let mut metrics = None;
+            for kind in &batch {
+                match kind {
+                    Event::BreakpointHit(hit) => live = Some((Status::Paused, hit.node_id.as_str())),
+                    Event::StatusChanged(s) if s.status == pb::ExecutionStatus::Running as i32 => {
+                        live = Some((Status::Running, ""));
+                    }
+                    Event::Metrics(snapshot) => metrics = Some(snapshot),
+                    _ => {}
                 }
-                Event::StatusChanged(s) if s.status == pb::ExecutionStatus::Running as i32 => {
-                    repo::set_live_status(&self.db, &id, Status::Running, "").await
-                }
-                Event::Metrics(snapshot) => {
-                    let nodes: Vec<StoredNode> = snapshot.nodes.iter().map(StoredNode::of).collect();
-                    repo::set_nodes(&self.db, &id, &serde_json::to_string(&nodes).unwrap_or_default()).await
-                }
-                _ => Ok(()),
-            };
+            }
+            let mut stored = Ok(true);
+            if let Some(snapshot) = metrics {
+                let nodes: Vec<StoredNode> = snapshot.nodes.iter().map(StoredNode::of).collect();
+                let nodes = serde_json::to_string(&nodes).unwrap_or_default();
+                stored = self.writer.write(Write::Nodes { id: id.clone(), nodes }).await;
+            }
+            if let Some((status, paused_at)) = live {
+                let write = Write::Live { id: id.clone(), status, paused_at: paused_at.to_owned() };
+                stored = stored.and(self.writer.write(write).await);
+            }
             if let Err(e) = stored {
                 tracing::warn!(execution_id = %id, error = %e, "cannot store the execution's state");
             }
-            if let Err(e) = self.event(&id, kind).await {
-                tracing::warn!(execution_id = %id, error = %e, "cannot publish an execution event");
+            if let Err(e) = self.events(&id, batch.drain(..)).await {
+                tracing::warn!(execution_id = %id, error = %e, "cannot publish execution events");
             }
         }
     }
@@ -972,7 +1086,15 @@ impl Executor {
         nodes: &str,
     ) -> Result<(), Error> {
         let stored = error.as_ref().map(|e| serde_json::to_string(&StoredFailure::of(e)).unwrap_or_default());
-        repo::finish(&self.db, id, status, now(), outputs, stored, nodes).await?;
+        let write = Write::Finish {
+            id: id.to_owned(),
+            status,
+            at: now(),
+            outputs: outputs.to_owned(),
+            error: stored,
+            nodes: nodes.to_owned(),
+        };
+        self.writer.write(write).await?;
         metrics::counter!("csp_executor_executions_total", "status" => status.as_str()).increment(1);
         self.status_event(id, status, error).await;
         lock(&self.credentials).remove(id);

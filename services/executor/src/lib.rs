@@ -28,6 +28,7 @@ mod plan;
 mod repo;
 pub mod runtime;
 mod stored;
+mod writer;
 
 pub use executions::stream;
 

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait as _, ColumnTrait as _, Condition, ConnectionTrait, DbErr, EntityTrait as _,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
+    ColumnTrait as _, Condition, ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _, QueryOrder as _,
+    QuerySelect as _, Set,
     sea_query::{Expr, OnConflict},
 };
 use serde_json::Value;
@@ -15,9 +15,13 @@ use crate::{
     stored::Status,
 };
 
-pub(crate) async fn insert(db: &impl ConnectionTrait, row: execution::Model) -> Result<(), DbErr> {
-    execution::ActiveModel::from(row).insert(db).await?;
-    Ok(())
+/// Stores a new execution; `false` when one with its idempotency key exists already.
+pub(crate) async fn insert(db: &impl ConnectionTrait, row: execution::Model) -> Result<bool, DbErr> {
+    let inserted = execution::Entity::insert(execution::ActiveModel::from(row))
+        .on_conflict(OnConflict::new().do_nothing().to_owned())
+        .exec_without_returning(db)
+        .await?;
+    Ok(inserted == 1)
 }
 
 pub(crate) async fn get(db: &impl ConnectionTrait, id: &str) -> Result<Option<execution::Model>, DbErr> {
@@ -90,25 +94,26 @@ pub(crate) async fn set_live_status(
     id: &str,
     status: Status,
     paused_at: &str,
-) -> Result<(), DbErr> {
-    execution::Entity::update_many()
+) -> Result<bool, DbErr> {
+    let result = execution::Entity::update_many()
         .col_expr(execution::Column::Status, Expr::value(status.as_str()))
         .col_expr(execution::Column::PausedAt, Expr::value(paused_at))
         .filter(execution::Column::Id.eq(id))
         .filter(execution::Column::Status.is_in(live()))
         .exec(db)
         .await?;
-    Ok(())
+    Ok(result.rows_affected == 1)
 }
 
-pub(crate) async fn set_nodes(db: &impl ConnectionTrait, id: &str, nodes: &str) -> Result<(), DbErr> {
-    execution::Entity::update_many()
+/// Per-node summaries of a live execution.
+pub(crate) async fn set_nodes(db: &impl ConnectionTrait, id: &str, nodes: &str) -> Result<bool, DbErr> {
+    let result = execution::Entity::update_many()
         .col_expr(execution::Column::Nodes, Expr::value(nodes))
         .filter(execution::Column::Id.eq(id))
         .filter(execution::Column::Status.is_in(live()))
         .exec(db)
         .await?;
-    Ok(())
+    Ok(result.rows_affected == 1)
 }
 
 /// Records how an execution ended, unless it had already ended.

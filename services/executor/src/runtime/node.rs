@@ -299,9 +299,10 @@ impl Driver {
         let interval = source.interval();
         let max = if interval.is_some() { 1 } else { self.shared.batch };
         loop {
+            let started = Instant::now();
             let more = source.fill(&mut emit, max);
             let n: usize = emit.ports.iter().map(Vec::len).sum();
-            self.stats.record(n as u64, 0);
+            self.stats.record(n as u64, started.elapsed().as_nanos() as u64);
             self.flush(&mut emit).await;
             if !more {
                 break;
@@ -344,9 +345,9 @@ impl Driver {
             let Received::Port(port) = received else { break };
             let n = batch.len() as u64;
             self.stats.messages_in.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            // Processing time is sampled: one batch in TIME_EVERY is timed.
-            batches += 1;
+            // Processing time is sampled: one batch in TIME_EVERY is timed, the first among them.
             let started = batches.is_multiple_of(TIME_EVERY).then(Instant::now);
+            batches += 1;
             let mut held = false;
             for msg in batch.drain(..) {
                 if self.shared.debugger.stops_at(&self.id) {
