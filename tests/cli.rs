@@ -81,6 +81,18 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path, vars: &[(String, String)], args: &[&str]) -> Running {
+        let (child, addr) = Self::spawn(dir, vars, args, "gateway listening on http://");
+        Running { child, gateway: addr.parse().unwrap() }
+    }
+
+    /// Starts `csp` and waits for the stdout line that starts with `announce`; returns the
+    /// process and the address that follows.
+    fn spawn(
+        dir: &Path,
+        vars: &[(String, String)],
+        args: &[&str],
+        announce: &'static str,
+    ) -> (Child, String) {
         let mut child = csp(dir)
             .args(args)
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -92,14 +104,14 @@ impl Running {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("gateway listening on http://") {
+                if let Some(rest) = line.strip_prefix(announce) {
                     let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
                     let _ = tx.send(addr);
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the gateway announced its address");
-        Running { child, gateway: addr.parse().unwrap() }
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("csp announced its address");
+        (child, addr)
     }
 
     fn terminate(&mut self) -> ExitStatus {
@@ -478,15 +490,8 @@ async fn a_first_design_through_the_gateway(env: TestEnv) {
     assert_eq!(listed.len(), 2);
 }
 
-/// A new user's first run, through the gateway: a design of three nodes, an execution started
-/// with inputs, its events streamed to the end, and its outputs read back.
-async fn a_first_execution_through_the_gateway(env: TestEnv) {
-    use csp_proto::{design::v1 as dpb, executor::v1 as pb};
-    use pb::execution_event::Kind as Event;
-    let vars = env_vars(&env);
-    create_admin(&env, &vars);
-    let csp = Running::start(env.dir(), &vars, &["serve"]);
-    let addr = csp.gateway;
+/// A new designer, created by the admin; their access token.
+async fn new_designer(addr: SocketAddr) -> String {
     let admin = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
     let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
     let request = csp_proto::auth::v1::CreateUserRequest {
@@ -497,55 +502,77 @@ async fn a_first_execution_through_the_gateway(env: TestEnv) {
         ..Default::default()
     };
     auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap();
-    let token =
-        login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token;
+    login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token
+}
 
+/// A design of `nodes` chained in order (`out` to `in`); its id.
+async fn design_of(addr: SocketAddr, token: &str, nodes: &[(&str, &str, serde_json::Value)]) -> String {
+    use csp_proto::design::v1 as dpb;
     let mut designs = dpb::design_service_client::DesignServiceClient::new(channel(addr).await);
-    let request = dpb::CreateDesignRequest { name: "Greeting".into(), ..Default::default() };
+    let request = dpb::CreateDesignRequest { name: "Run me".into(), ..Default::default() };
     let design = designs
-        .create_design(csp_testkit::authed(request, &token))
+        .create_design(csp_testkit::authed(request, token))
         .await
         .unwrap()
         .into_inner()
         .design
         .unwrap();
-    let node = |id: &str, type_id: &str, config: serde_json::Value| dpb::Op {
-        op: Some(dpb::op::Op::AddNode(dpb::AddNodeOp {
-            node: Some(dpb::Node {
-                id: id.into(),
-                r#type: type_id.into(),
-                config: Some(csp_proto::json::to_struct(config)),
-                ..Default::default()
-            }),
-        })),
-    };
-    let link = |id: &str, from: &str, to: &str| dpb::Op {
-        op: Some(dpb::op::Op::AddConnection(dpb::AddConnectionOp {
-            connection: Some(dpb::Connection {
-                id: id.into(),
-                from: Some(dpb::PortAddress { node_id: from.into(), port: "out".into() }),
-                to: Some(dpb::PortAddress { node_id: to.into(), port: "in".into() }),
-                ..Default::default()
-            }),
-        })),
-    };
-    let request = dpb::ApplyOpsRequest {
-        design_id: design.id.clone(),
-        expected_revision: design.revision,
-        ops: vec![
-            node("people", "source.input", serde_json::json!({})),
-            node("greet", "transform.template", serde_json::json!({ "template": "Hello, {{ name }}!" })),
-            node("result", "sink.output", serde_json::json!({})),
-            link("c1", "people", "greet"),
-            link("c2", "greet", "result"),
+    let mut ops: Vec<dpb::Op> = nodes
+        .iter()
+        .map(|(id, type_id, config)| dpb::Op {
+            op: Some(dpb::op::Op::AddNode(dpb::AddNodeOp {
+                node: Some(dpb::Node {
+                    id: (*id).into(),
+                    r#type: (*type_id).into(),
+                    config: Some(csp_proto::json::to_struct(config.clone())),
+                    ..Default::default()
+                }),
+            })),
+        })
+        .collect();
+    for (i, pair) in nodes.windows(2).enumerate() {
+        ops.push(dpb::Op {
+            op: Some(dpb::op::Op::AddConnection(dpb::AddConnectionOp {
+                connection: Some(dpb::Connection {
+                    id: format!("c{}", i + 1),
+                    from: Some(dpb::PortAddress { node_id: pair[0].0.into(), port: "out".into() }),
+                    to: Some(dpb::PortAddress { node_id: pair[1].0.into(), port: "in".into() }),
+                    ..Default::default()
+                }),
+            })),
+        });
+    }
+    let request =
+        dpb::ApplyOpsRequest { design_id: design.id.clone(), expected_revision: design.revision, ops };
+    designs.apply_ops(csp_testkit::authed(request, token)).await.unwrap();
+    design.id
+}
+
+/// A new user's first run, through the gateway: a design of three nodes, an execution started
+/// with inputs, its events streamed to the end, and its outputs read back.
+async fn a_first_execution_through_the_gateway(env: TestEnv) {
+    use csp_proto::executor::v1 as pb;
+    use pb::execution_event::Kind as Event;
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let addr = csp.gateway;
+    let token = new_designer(addr).await;
+    let design = design_of(
+        addr,
+        &token,
+        &[
+            ("people", "source.input", serde_json::json!({})),
+            ("greet", "transform.template", serde_json::json!({ "template": "Hello, {{ name }}!" })),
+            ("result", "sink.output", serde_json::json!({})),
         ],
-    };
-    designs.apply_ops(csp_testkit::authed(request, &token)).await.unwrap();
+    )
+    .await;
 
     let mut executor = pb::executor_service_client::ExecutorServiceClient::new(channel(addr).await);
     let names = ["Ada", "Grace"].map(|name| csp_proto::json::to_value(serde_json::json!({ "name": name })));
     let request = pb::StartExecutionRequest {
-        design_id: design.id.clone(),
+        design_id: design.clone(),
         inputs: [("people".to_owned(), prost_types::ListValue { values: names.to_vec() })].into(),
         ..Default::default()
     };
@@ -592,6 +619,98 @@ async fn a_first_execution_through_the_gateway(env: TestEnv) {
     let outputs: Vec<serde_json::Value> =
         done.outputs["result"].values.iter().cloned().map(csp_proto::json::from_value).collect();
     assert_eq!(outputs, expected);
+}
+
+/// An executor replica that dies mid-run loses nothing: another replica takes its executions
+/// over after the lease and runs them again, and every one ends SUCCEEDED, once.
+async fn a_replica_that_dies_loses_no_execution(env: TestEnv) {
+    use csp_proto::executor::v1 as pb;
+    let mut vars = env_vars(&env);
+    vars.push(("CSP_EXECUTOR__LEASE".into(), "2s".into()));
+    create_admin(&env, &vars);
+    // The replica that will die, started first so it is waiting for jobs; it may run many.
+    let mut doomed = vars.clone();
+    doomed.push(("CSP_SERVICES__EXECUTOR__LISTEN".into(), "127.0.0.1:0".into()));
+    let (mut replica, _) =
+        Running::spawn(env.dir(), &doomed, &["serve", "--target", "executor"], "executor listening on ");
+    // The whole system, whose executor runs one execution at a time.
+    let mut survivor = vars.clone();
+    survivor.push(("CSP_EXECUTOR__MAX_CONCURRENT".into(), "1".into()));
+    let csp = Running::start(env.dir(), &survivor, &["serve"]);
+    let addr = csp.gateway;
+    let token = new_designer(addr).await;
+    let design = design_of(
+        addr,
+        &token,
+        &[
+            ("tick", "source.sequence", serde_json::json!({ "count": 15, "interval_ms": 100 })),
+            ("result", "sink.output", serde_json::json!({})),
+        ],
+    )
+    .await;
+    let mut executor = pb::executor_service_client::ExecutorServiceClient::new(channel(addr).await);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let request = pb::StartExecutionRequest { design_id: design.clone(), ..Default::default() };
+        let started = executor.start_execution(csp_testkit::authed(request, &token)).await.unwrap();
+        ids.push(started.into_inner().execution.unwrap().id);
+    }
+    let get = |id: String| {
+        let mut executor = executor.clone();
+        let token = token.clone();
+        async move {
+            let request = pb::GetExecutionRequest { execution_id: id };
+            executor
+                .get_execution(csp_testkit::authed(request, &token))
+                .await
+                .unwrap()
+                .into_inner()
+                .execution
+                .unwrap()
+        }
+    };
+    // All three running: at most one here, so at least two on the replica.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut running = 0;
+        for id in &ids {
+            running += usize::from(get(id.clone()).await.status == pb::ExecutionStatus::Running as i32);
+        }
+        if running == ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the executions did not all start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica.kill().unwrap(); // SIGKILL: no goodbye, no lease renewal
+    replica.wait().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut taken_over = 0;
+    for id in &ids {
+        let done = loop {
+            let execution = get(id.clone()).await;
+            if execution.finished_at.is_some() {
+                break execution;
+            }
+            assert!(Instant::now() < deadline, "execution {id} never ended: {execution:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(done.status, pb::ExecutionStatus::Succeeded as i32, "{done:?}");
+        assert_eq!(done.outputs["result"].values.len(), 15, "the rerun's outputs, once");
+        if done.attempt == 2 {
+            taken_over += 1;
+        } else {
+            assert_eq!(done.attempt, 1);
+        }
+    }
+    assert!(taken_over >= 2, "the dead replica's executions were run again ({taken_over} were)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_loses_no_execution_external() {
+    // Replicas share PostgreSQL and Redis; the embedded default is one process by design.
+    csp_testkit::run(Backend::External, a_replica_that_dies_loses_no_execution).await;
 }
 
 csp_testkit::backend_tests!(

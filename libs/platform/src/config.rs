@@ -370,9 +370,10 @@ impl ServiceEndpoint {
     }
 }
 
-/// The endpoints of the six services.
+/// The endpoints of the six services. Setting one key of an endpoint (say
+/// `CSP_SERVICES__EXECUTOR__LISTEN`) keeps the other's default.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "PartialServices")]
 pub struct ServicesSettings {
     /// The auth service.
     pub auth: ServiceEndpoint,
@@ -386,6 +387,48 @@ pub struct ServicesSettings {
     pub collab: ServiceEndpoint,
     /// The AI service.
     pub ai: ServiceEndpoint,
+}
+
+/// An endpoint as configured: either key may be left out.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialEndpoint {
+    listen: Option<SocketAddr>,
+    address: Option<String>,
+}
+
+impl PartialEndpoint {
+    fn or(self, default: ServiceEndpoint) -> ServiceEndpoint {
+        ServiceEndpoint {
+            listen: self.listen.unwrap_or(default.listen),
+            address: self.address.unwrap_or(default.address),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PartialServices {
+    auth: PartialEndpoint,
+    design: PartialEndpoint,
+    registry: PartialEndpoint,
+    executor: PartialEndpoint,
+    collab: PartialEndpoint,
+    ai: PartialEndpoint,
+}
+
+impl From<PartialServices> for ServicesSettings {
+    fn from(p: PartialServices) -> Self {
+        let d = Self::default();
+        Self {
+            auth: p.auth.or(d.auth),
+            design: p.design.or(d.design),
+            registry: p.registry.or(d.registry),
+            executor: p.executor.or(d.executor),
+            collab: p.collab.or(d.collab),
+            ai: p.ai.or(d.ai),
+        }
+    }
 }
 
 impl Default for ServicesSettings {
@@ -1050,6 +1093,17 @@ mod tests {
         assert_eq!(s.log.level, "debug", "yaml beats defaults");
         assert_eq!(s.auth.access_token_expire_minutes, 30, "seed env beats yaml");
         assert_eq!(s.gateway.listen.port(), 9100, "CSP_ env beats yaml");
+    }
+
+    #[test]
+    fn one_key_of_a_service_endpoint_keeps_the_other_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(dir.path(), &[("CSP_SERVICES__EXECUTOR__LISTEN", "127.0.0.1:0")]).unwrap();
+        assert_eq!(s.services.executor.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(s.services.executor.address, "http://127.0.0.1:50054");
+        assert_eq!(s.services.design.address, "http://127.0.0.1:50052");
+        let wrong = load(dir.path(), &[("CSP_SERVICES__EXECUTOR__LISTN", "127.0.0.1:0")]).unwrap_err();
+        assert!(wrong.to_string().contains("listn"), "{wrong}");
     }
 
     #[test]

@@ -918,8 +918,11 @@ impl Executor {
         let id = String::from_utf8_lossy(&job.event.payload).into_owned();
         let span = tracing::info_span!("execution", execution_id = %id);
         job.event.follow_trace(&span);
-        let outcome =
-            tracing::Instrument::instrument(self.clone().run_execution(id.clone(), job.event.id), span).await;
+        let outcome = tracing::Instrument::instrument(
+            self.clone().run_execution(id.clone(), job.event.id, job.deliveries),
+            span,
+        )
+        .await;
         match outcome {
             Ok(()) => {
                 if let Err(e) = self.bus.ack(JOBS, GROUP, &[job.event.id]).await {
@@ -934,8 +937,10 @@ impl Executor {
         lock(&self.running).remove(&id);
     }
 
-    async fn run_execution(self: Arc<Self>, id: String, job: EventId) -> Result<(), Error> {
-        let here = lock(&self.queued_here).remove(&id);
+    async fn run_execution(self: Arc<Self>, id: String, job: EventId, deliveries: u64) -> Result<(), Error> {
+        // Only a first delivery may trust the row kept at the start: a job delivered again ran
+        // (somewhere) since, and the database knows its attempts.
+        let here = lock(&self.queued_here).remove(&id).filter(|_| deliveries <= 1);
         let (row, plan) = match here {
             Some((row, plan, _)) => (row, plan),
             None => match repo::get(&self.db, &id).await? {

@@ -5,7 +5,8 @@
 //! Run it alone with `csp serve --target executor`: it listens on `services.executor.listen` and
 //! keeps its tables in the `executor` schema (PostgreSQL) or `<database.data_dir>/executor.db`
 //! (SQLite). Its health (`grpc.health.v1`, `GET /health`) follows its database and the event
-//! bus.
+//! bus. Jobs travel on the bus stream `executor:jobs` (consumer group `executors`), commands to
+//! running executions on `executor:control`, events on `execution:<id>`; see README.md.
 
 use std::{future::Future, net::SocketAddr};
 
