@@ -1,4 +1,5 @@
-//! The runtime on its own: every built-in component, the error policies, cancellation,
+//! The runtime on its own: every built-in component (AI nodes against a fake AI service,
+//! remote calls against a real gRPC component), the error policies, cancellation,
 //! deadlocks, breakpoints, deadlines, recording and replay.
 
 #![allow(clippy::unwrap_used)]
@@ -762,10 +763,174 @@ mod remote {
         assert_eq!(ran.outcome.ending, Ending::Failed);
         assert!(ran.outcome.error.unwrap().message.contains("did not answer within 300 ms"));
 
+        // The built-in `remote.call` reaches the same kind of endpoint, named in its config.
+        let p = plan(
+            &[
+                ("in", "source.input", json!({})),
+                (
+                    "call",
+                    "remote.call",
+                    json!({ "address": format!("http://{}", serve().await), "config": { "k": 1 } }),
+                ),
+                ("out", "sink.output", json!({})),
+            ],
+            &[("in", "out", "call", "in"), ("call", "out", "out", "in")],
+        );
+        let mut options = Options::default();
+        options.inputs.insert("in".into(), vec![json!({ "id": 7 }), json!({ "id": 8, "fail_times": 1 })]);
+        options.policies.insert(
+            "call".into(),
+            Policy { max_retries: 1, initial_backoff: Duration::from_millis(1), ..Policy::default() },
+        );
+        let ran = run(&p, options).await;
+        assert_eq!(ran.outcome.ending, Ending::Succeeded, "{:?}", ran.outcome.error);
+        let mut got = ran.output("out");
+        got.sort_by_key(|v| v["id"].as_i64());
+        assert_eq!(got, [json!({ "id": 7, "attempts": 1 }), json!({ "id": 8, "attempts": 2 })]);
+
         // Unreachable: a clear reason.
         let ran = run(&remote_plan("127.0.0.1:9".parse().unwrap()), Options::default()).await;
         assert!(
             ran.outcome.error.unwrap().message.contains("cannot reach the component at http://127.0.0.1:9")
         );
     }
+}
+
+/// An AI service that answers from what it was asked, and fails the first `fail_first` calls
+/// as unavailable.
+#[derive(Default)]
+struct FakeAi {
+    asked: std::sync::Mutex<Vec<String>>,
+    fail_first: std::sync::atomic::AtomicUsize,
+}
+
+#[tonic::async_trait]
+impl csp_executor::runtime::Ai for FakeAi {
+    async fn chat(
+        &self,
+        request: csp_proto::ai::v1::ChatRequest,
+    ) -> Result<csp_proto::ai::v1::ChatResponse, csp_executor::runtime::AiError> {
+        use std::sync::atomic::Ordering;
+        if self.fail_first.load(Ordering::SeqCst) > 0 {
+            self.fail_first.fetch_sub(1, Ordering::SeqCst);
+            return Err(("the AI service is unavailable".into(), true));
+        }
+        let said: Vec<String> = request.messages.iter().map(|m| m.content.clone()).collect();
+        let tools: Vec<String> = request.tools.iter().map(|t| t.name.clone()).collect();
+        self.asked
+            .lock()
+            .unwrap()
+            .push(format!("chat {said:?} tools {tools:?} run_tools {}", request.run_tools));
+        Ok(csp_proto::ai::v1::ChatResponse {
+            message: Some(csp_proto::ai::v1::ChatMessage {
+                content: format!("echo: {}", said.last().cloned().unwrap_or_default()),
+                ..Default::default()
+            }),
+            steps: if request.run_tools { vec![Default::default(), Default::default()] } else { vec![] },
+            model: request.model,
+            usage: Some(csp_proto::ai::v1::Usage { total_tokens: 7, ..Default::default() }),
+            ..Default::default()
+        })
+    }
+
+    async fn analyze(
+        &self,
+        request: csp_proto::ai::v1::AnalyzeRequest,
+    ) -> Result<csp_proto::ai::v1::AnalyzeResponse, csp_executor::runtime::AiError> {
+        self.asked.lock().unwrap().push(format!("analyze {} kinds {:?}", request.text, request.kinds));
+        Ok(csp_proto::ai::v1::AnalyzeResponse {
+            result: Some(pbjson::to_struct(json!({ "sentiment": { "label": "positive" } }))),
+            usage: None,
+        })
+    }
+
+    async fn generate_code(
+        &self,
+        request: csp_proto::ai::v1::GenerateCodeRequest,
+    ) -> Result<csp_proto::ai::v1::GenerateCodeResponse, csp_executor::runtime::AiError> {
+        self.asked.lock().unwrap().push(format!("code {} in {}", request.spec, request.language));
+        Ok(csp_proto::ai::v1::GenerateCodeResponse {
+            code: "def add(a, b): return a + b".into(),
+            tests: "assert add(1, 2) == 3".into(),
+            documentation: "Adds.".into(),
+            usage: None,
+        })
+    }
+}
+
+async fn through_ai(
+    ai: std::sync::Arc<FakeAi>,
+    type_id: &str,
+    config: Value,
+    message: Value,
+    retries: u32,
+) -> Outcome {
+    let p = plan(
+        &[("in", "source.input", json!({})), ("node", type_id, config), ("out", "sink.output", json!({}))],
+        &[("in", "out", "node", "in"), ("node", "out", "out", "in")],
+    );
+    let mut options = Options::default();
+    options.inputs.insert("in".into(), vec![message]);
+    options.default_policy =
+        Policy { max_retries: retries, initial_backoff: Duration::from_millis(1), ..Policy::default() };
+    let services = Services { ai: Some(ai), ..Services::default() };
+    let (tx, mut rx) = mpsc::channel(1024);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let network = Network::build(&p, options, services, Debugger::new([]), tx).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), network.run(CancellationToken::new())).await.unwrap()
+}
+
+#[tokio::test]
+async fn ai_nodes_ask_the_ai_service() {
+    let ai = std::sync::Arc::new(FakeAi::default());
+    let config = json!({ "system": "Be brief.", "prompt_template": "Greet {{ name }}", "model": "m1" });
+    let ran = through_ai(ai.clone(), "ai.chat", config, json!({ "name": "Ada" }), 0).await;
+    assert_eq!(ran.ending, Ending::Succeeded, "{:?}", ran.error);
+    assert_eq!(
+        ran.outputs["out"],
+        [
+            json!({ "text": "echo: Greet Ada", "model": "m1", "usage": { "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 7, "cost_usd": 0.0 } })
+        ]
+    );
+
+    let config = json!({ "tools": [{ "name": "lookup", "description": "Finds things", "component_type": "transform.map", "component_config": { "expression": "." } }] });
+    let ran = through_ai(ai.clone(), "ai.agent", config, json!("find it"), 0).await;
+    assert_eq!(ran.outputs["out"][0]["steps"], json!(2), "{:?}", ran.error);
+
+    let config = json!({ "path": "review", "kinds": ["sentiment"] });
+    let ran = through_ai(ai.clone(), "ai.analyze", config, json!({ "id": 1, "review": "Lovely" }), 0).await;
+    assert_eq!(
+        ran.outputs["out"],
+        [json!({ "id": 1, "review": "Lovely", "analysis": { "sentiment": { "label": "positive" } } })]
+    );
+
+    let config = json!({ "language": "python", "include_tests": false });
+    let ran = through_ai(ai.clone(), "ai.codegen", config, json!("add two numbers"), 0).await;
+    assert_eq!(
+        ran.outputs["out"],
+        [
+            json!({ "code": "def add(a, b): return a + b", "tests": null, "documentation": "Adds.", "usage": null })
+        ]
+    );
+
+    assert_eq!(
+        *ai.asked.lock().unwrap(),
+        [
+            r#"chat ["Be brief.", "Greet Ada"] tools [] run_tools false"#,
+            r#"chat ["find it"] tools ["lookup"] run_tools true"#,
+            "analyze Lovely kinds [1]",
+            "code add two numbers in python",
+        ]
+        .map(str::to_owned)
+    );
+
+    // An unavailable AI service is retried as the policy allows, then fails the execution.
+    let flaky = std::sync::Arc::new(FakeAi::default());
+    flaky.fail_first.store(2, std::sync::atomic::Ordering::SeqCst);
+    let ran = through_ai(flaky.clone(), "ai.chat", json!({}), json!("hi"), 2).await;
+    assert_eq!(ran.ending, Ending::Succeeded, "two retries cover two failures: {:?}", ran.error);
+    flaky.fail_first.store(2, std::sync::atomic::Ordering::SeqCst);
+    let ran = through_ai(flaky, "ai.chat", json!({}), json!("hi"), 1).await;
+    assert_eq!(ran.ending, Ending::Failed);
+    assert!(ran.error.unwrap().message.contains("the AI service is unavailable"));
 }

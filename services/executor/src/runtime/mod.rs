@@ -498,6 +498,25 @@ impl Network {
                     &input_names,
                     &output_names,
                 )))
+            } else if node.type_id == "remote.call" {
+                // The built-in remote call: its configuration names the endpoint, and its
+                // `config` is what the component gets.
+                let endpoint = RemoteEndpoint {
+                    address: effective.get("address").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                    timeout_ms: effective.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000),
+                    inputs: input_names.clone(),
+                    outputs: output_names.iter().filter(|p| *p != "error").cloned().collect(),
+                };
+                let config =
+                    effective.get("config").cloned().unwrap_or_else(|| Value::Object(Default::default()));
+                Ok(Work::Remote(remote::Remote::new(
+                    endpoint,
+                    &node.id,
+                    config,
+                    &services,
+                    &input_names,
+                    &output_names,
+                )))
             } else {
                 let cx = components::Context {
                     node_id: &node.id,
