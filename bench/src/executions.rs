@@ -14,11 +14,11 @@ use csp_proto::{
     executor::v1::{self as pb, executor_service_client::ExecutorServiceClient},
     json,
 };
-use csp_testkit::TestEnv;
+use csp_testkit::{TestEnv, authed};
 use futures::StreamExt as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 /// Clients, each starting one execution and watching it to its end, then the next.
 const CLIENTS: usize = 64;
@@ -69,14 +69,6 @@ async fn start(
     let executor_addr = executor.local_addr();
     tokio::spawn(executor.run_until_stopped(stop.clone().cancelled_owned()));
     Ok((auth_addr, design_addr, executor_addr))
-}
-
-fn authed<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
 }
 
 fn op(op: dpb::op::Op) -> dpb::Op {
