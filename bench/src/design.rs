@@ -12,10 +12,10 @@ use csp_proto::{
     design::v1::{self as pb, design_service_client::DesignServiceClient},
     json,
 };
-use csp_testkit::TestEnv;
+use csp_testkit::{TestEnv, authed};
 use serde_json::json;
 use tokio::sync::oneshot;
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 const NODES: usize = 200;
 const CLIENTS: usize = 16;
@@ -62,14 +62,6 @@ async fn start(
     let addr = gateway.local_addr();
     tokio::spawn(gateway.run_until_stopped(stopper()));
     Ok((addr, stops))
-}
-
-fn authed<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
 }
 
 /// A design of `NODES` transform nodes in a chain.
