@@ -612,9 +612,47 @@ impl Network {
 
     /// Runs every process until the network ends, fails, deadlocks, times out or `cancel`
     /// fires.
+    ///
+    /// The whole network — its processes and the supervisor that watches them — runs on one
+    /// shard, so the only hand-offs between threads are the start, the events and the end.
     pub async fn run(self, cancel: CancellationToken) -> Outcome {
-        let Network { drivers, shards, graph, tracker, types, stats, collected, shared, timeout } = self;
-        let shard = shards.pick().clone();
+        let shard = self.shards.pick().clone();
+        // Dropping this future stops the network, as it would if it ran here.
+        let stop = cancel.child_token();
+        let _stop_when_dropped = stop.clone().drop_guard();
+        let ids = self.shared.node_ids.clone();
+        let types = self.types.clone();
+        match shard.clone().spawn(self.supervise(stop, shard)).await {
+            Ok(outcome) => outcome,
+            Err(crashed) => {
+                tracing::error!(error = %crashed, "the execution's supervisor crashed");
+                Outcome {
+                    ending: Ending::Failed,
+                    error: Some(pb::ExecutionError {
+                        code: "internal".into(),
+                        message: format!("the execution crashed: {crashed}"),
+                        ..Default::default()
+                    }),
+                    nodes: ids
+                        .into_iter()
+                        .zip(types)
+                        .map(|(node_id, r#type)| pb::NodeSummary {
+                            node_id,
+                            r#type,
+                            status: pb::NodeStatus::Cancelled as i32,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    outputs: BTreeMap::new(),
+                    received: BTreeMap::new(),
+                    recorded: BTreeMap::new(),
+                }
+            }
+        }
+    }
+
+    async fn supervise(self, cancel: CancellationToken, shard: tokio::runtime::Handle) -> Outcome {
+        let Network { drivers, shards: _, graph, tracker, types, stats, collected, shared, timeout } = self;
         let n = types.len();
         let mut status = vec![pb::NodeStatus::Pending; n];
         let mut errors = vec![String::new(); n];
