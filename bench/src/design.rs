@@ -158,8 +158,12 @@ async fn measure(env: &TestEnv) -> anyhow::Result<()> {
             let mut samples = Vec::new();
             while started.elapsed() < RUN_FOR {
                 let at = Instant::now();
-                let design =
-                    client.get_design(authed(pb::GetDesignRequest { design_id: id.clone() }, &token)).await?;
+                let design = client
+                    .get_design(authed(
+                        pb::GetDesignRequest { design_id: id.clone(), ..Default::default() },
+                        &token,
+                    ))
+                    .await?;
                 anyhow::ensure!(
                     design.into_inner().design.is_some_and(|d| d.nodes.len() == NODES),
                     "short read"
@@ -193,7 +197,9 @@ async fn measure(env: &TestEnv) -> anyhow::Result<()> {
     // One editor on one design: the latency a user feels per edit.
     let mut client = DesignServiceClient::new(channels[0].clone());
     let (id, _) = &designs[0];
-    let current = client.get_design(authed(pb::GetDesignRequest { design_id: id.clone() }, &token)).await?;
+    let current = client
+        .get_design(authed(pb::GetDesignRequest { design_id: id.clone(), ..Default::default() }, &token))
+        .await?;
     let mut revision = current.into_inner().design.map(|d| d.revision).unwrap_or_default();
     let mut samples = Vec::new();
     let started = Instant::now();

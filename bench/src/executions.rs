@@ -169,6 +169,10 @@ async fn measure(env: &TestEnv, label: &str) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let measuring = started + WARM_UP;
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measuring.into()).await;
+        cpu_time()
+    });
     let until = measuring + RUN_FOR;
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
@@ -203,17 +207,29 @@ async fn measure(env: &TestEnv, label: &str) -> anyhow::Result<()> {
         failed += f;
         latencies.extend(l);
     }
+    let cpu = cpu_time().zip(cpu_at_start.await?).map(|(end, start)| end.saturating_sub(start));
     latencies.sort();
     let at = |p: f64| {
         latencies.get(((latencies.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or_default()
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "executions ({label}): {:.0} small executions/s (start to end, p50 {:.1} ms, p99 {:.1} ms, {CLIENTS} clients{})",
+        "executions ({label}): {:.0} small executions/s (start to end, p50 {:.1} ms, p99 {:.1} ms, {CLIENTS} clients, {} µs of this process's CPU each{})",
         done as f64 / RUN_FOR.as_secs_f64(),
         ms(at(0.5)),
         ms(at(0.99)),
+        cpu.map_or_else(|| "?".into(), |cpu| format!("{:.0}", cpu.as_secs_f64() * 1e6 / done.max(1) as f64)),
         if failed > 0 { format!(", {failed} did not succeed") } else { String::new() },
     );
     Ok(())
+}
+
+/// CPU time this process has used (user and system), where /proc tells it.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports in USER_HZ, 100 per second on every mainstream architecture.
+    Some(Duration::from_millis(ticks * 10))
 }

@@ -321,7 +321,7 @@ async fn a_down_service_is_unavailable_and_reported() {
     let mut design = csp_proto::design::v1::design_service_client::DesignServiceClient::new(
         channel(harness.gateway).await,
     );
-    let request = csp_proto::design::v1::GetDesignRequest { design_id: "d".into() };
+    let request = csp_proto::design::v1::GetDesignRequest { design_id: "d".into(), ..Default::default() };
     let status = design.get_design(authed(request, &harness.token)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("csp.design.v1.DesignService"), "{}", status.message());

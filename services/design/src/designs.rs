@@ -8,7 +8,7 @@
 //! The committed ops are stored as the revision and published on the bus stream
 //! `design:<id>` after the transaction commits.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use csp_components::compat::Verdict;
 use futures::{StreamExt as _, stream};
@@ -245,6 +245,15 @@ impl Designs {
         let (row, access) = self.open(&txn, p, id, "design_id", Access::Viewer).await?;
         let document = repo::document(&txn, &row).await?;
         txn.commit().await?;
+        Ok(Versioned::of(&row, access, document))
+    }
+
+    /// The design at its current revision without its nodes and connections: two indexed
+    /// reads at most, for callers that only need its revision or their access.
+    pub(crate) async fn get_basic(&self, p: &Principal, id: &str) -> Result<Versioned, Error> {
+        let (row, access) = self.open(&self.db, p, id, "design_id", Access::Viewer).await?;
+        let document =
+            Document { meta: repo::meta_of(&row), nodes: BTreeMap::new(), connections: BTreeMap::new() };
         Ok(Versioned::of(&row, access, document))
     }
 

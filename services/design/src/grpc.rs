@@ -152,7 +152,14 @@ impl DesignService for DesignApi {
         request: Request<pb::GetDesignRequest>,
     ) -> Result<Response<pb::GetDesignResponse>, Status> {
         let p = require(&request, Permission::DesignRead)?;
-        let design = self.designs.get(&p, &request.get_ref().design_id).await?;
+        let r = request.get_ref();
+        let design = match pb::DesignView::try_from(r.view) {
+            Ok(pb::DesignView::Unspecified | pb::DesignView::Full) => {
+                self.designs.get(&p, &r.design_id).await?
+            }
+            Ok(pb::DesignView::Basic) => self.designs.get_basic(&p, &r.design_id).await?,
+            Err(_) => return Err(Error::field("view", format!("{} is not a DesignView", r.view)).into()),
+        };
         Ok(Response::new(pb::GetDesignResponse { design: Some(design_to_pb(&design)) }))
     }
 

@@ -424,9 +424,12 @@ async fn authorization_matrix(env: TestEnv) {
                     .map(drop),
                 ),
                 "GetDesign" => code(
-                    c.get_design(maybe_authed(token.as_deref(), pb::GetDesignRequest { design_id }))
-                        .await
-                        .map(drop),
+                    c.get_design(maybe_authed(
+                        token.as_deref(),
+                        pb::GetDesignRequest { design_id, ..Default::default() },
+                    ))
+                    .await
+                    .map(drop),
                 ),
                 "ListDesigns" => code(
                     c.list_designs(maybe_authed(token.as_deref(), pb::ListDesignsRequest::default()))
@@ -1087,6 +1090,38 @@ async fn designs_are_shared_copied_and_listed(env: TestEnv) {
     assert_eq!(violations(&status)[0].0, "design_id");
 }
 
+/// The basic view answers the current revision and the caller's access without the nodes and
+/// connections, to the same callers as the full view.
+async fn the_basic_view_has_the_revision_but_not_the_document(env: TestEnv) {
+    let h = start(&env, |_| {}).await;
+    let alice = h.designer("alice");
+    let bob = h.designer("bob");
+    let design = h.create(&alice, "Pipeline").await;
+    h.apply(&alice, &design.id, 1, vec![add_node("src", "source.constant", json!({ "value": 1 }))])
+        .await
+        .unwrap();
+    let get = |token: &str, view: pb::DesignView| {
+        let request = pb::GetDesignRequest { design_id: design.id.clone(), view: view as i32 };
+        let mut client = h.client.clone();
+        let request = authed(request, token);
+        async move { client.get_design(request).await.map(|r| r.into_inner().design.unwrap()) }
+    };
+    let basic = get(&alice, pb::DesignView::Basic).await.unwrap();
+    assert_eq!(
+        (basic.name.as_str(), basic.revision, basic.access, basic.nodes.len()),
+        ("Pipeline", 2, pb::Access::Owner as i32, 0)
+    );
+    let full = get(&alice, pb::DesignView::Full).await.unwrap();
+    assert_eq!((full.revision, full.nodes.len()), (2, 1));
+    assert_eq!(get(&alice, pb::DesignView::Unspecified).await.unwrap(), full);
+    // A stranger learns nothing from it either.
+    let status = get(&bob, pb::DesignView::Basic).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let request = pb::GetDesignRequest { design_id: design.id.clone(), view: 7 };
+    let status = h.client.clone().get_design(authed(request, &alice)).await.unwrap_err();
+    assert_eq!(violations(&status), [("view".to_owned(), "7 is not a DesignView".to_owned())]);
+}
+
 csp_testkit::backend_tests!(
     racing_edits_commit_exactly_once,
     history_restore_and_diff,
@@ -1095,4 +1130,5 @@ csp_testkit::backend_tests!(
     validation_finds_problems,
     connections_are_checked_as_they_are_drawn,
     designs_are_shared_copied_and_listed,
+    the_basic_view_has_the_revision_but_not_the_document,
 );

@@ -70,9 +70,24 @@ impl Designs {
         id: &str,
         revision: i64,
     ) -> Result<design::Design, Error> {
+        self.fetch(credentials, id, revision, design::DesignView::Full).await
+    }
+
+    /// A design's current revision and the caller's access, without its nodes and connections.
+    pub(crate) async fn current(&self, credentials: &Credentials, id: &str) -> Result<design::Design, Error> {
+        self.fetch(credentials, id, 0, design::DesignView::Basic).await
+    }
+
+    async fn fetch(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        revision: i64,
+        view: design::DesignView,
+    ) -> Result<design::Design, Error> {
         let timeout = Duration::from_secs(10);
         let found = if revision == 0 {
-            let message = design::GetDesignRequest { design_id: id.to_owned() };
+            let message = design::GetDesignRequest { design_id: id.to_owned(), view: view as i32 };
             self.client
                 .clone()
                 .get_design(request(message, credentials, timeout))
@@ -125,7 +140,7 @@ impl Designs {
         if let Some(access) = self.known_access(credentials, id) {
             return Ok(access);
         }
-        let design = self.design(credentials, id, 0).await?;
+        let design = self.current(credentials, id).await?;
         Ok(if design.access >= design::Access::Editor as i32 { Access::Editor } else { Access::Viewer })
     }
 }

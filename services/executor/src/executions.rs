@@ -322,7 +322,8 @@ impl Executor {
 
     /// The plan of a design revision (0: the current one) the caller may run, checked to
     /// build. Plans are kept for [`PLAN_TTL`] by design and revision: a start naming a revision
-    /// it has run lately, by a caller whose access is known, asks the design service nothing.
+    /// it has run lately, by a caller whose access is known, asks the design service nothing; a
+    /// start of the current revision asks only which revision that is (the basic view).
     async fn plan_for(
         &self,
         credentials: &Credentials,
@@ -345,11 +346,21 @@ impl Executor {
                 Access::Viewer => Err(Error::Forbidden("you can view this design but not run it".into())),
             };
         }
-        let design = self.designs.design(credentials, design_id, revision).await?;
-        if design.access < csp_proto::design::v1::Access::Editor as i32 {
-            return Err(Error::Forbidden("you can view this design but not run it".into()));
+        let editor = |design: &csp_proto::design::v1::Design| {
+            if design.access < csp_proto::design::v1::Access::Editor as i32 {
+                return Err(Error::Forbidden("you can view this design but not run it".into()));
+            }
+            Ok(design.revision)
+        };
+        if revision == 0 {
+            // The current revision is cheap to learn; its plan is often at hand.
+            let current = self.designs.current(credentials, design_id).await?;
+            if let Some(plan) = kept(editor(&current)?) {
+                return Ok((current.revision, plan));
+            }
         }
-        let revision = design.revision;
+        let design = self.designs.design(credentials, design_id, revision).await?;
+        let revision = editor(&design)?;
         if let Some(plan) = kept(revision) {
             return Ok((revision, plan));
         }

@@ -94,7 +94,7 @@ impl Harness {
     }
 
     pub async fn get(&self, token: &str, id: &str) -> Result<pb::Design, Status> {
-        let request = pb::GetDesignRequest { design_id: id.into() };
+        let request = pb::GetDesignRequest { design_id: id.into(), ..Default::default() };
         Ok(self.client.clone().get_design(authed(request, token)).await?.into_inner().design.unwrap())
     }
 
