@@ -171,6 +171,9 @@ pub(crate) struct Executor {
     queued_here: Mutex<HashMap<String, Queued>>,
     /// Plans by design and revision, recently built (see `plan_for`).
     plans: Mutex<HashMap<DesignRevision, KeptPlan>>,
+    /// The design of each execution started here lately (it never changes), so that a watch
+    /// of one — the usual next call after starting it — needs no database read.
+    design_of: Mutex<HashMap<String, String>>,
     writer: Writer,
     slots: Arc<Semaphore>,
 }
@@ -195,6 +198,7 @@ impl Executor {
             writer: Writer::start(db.clone()),
             queued_here: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
+            design_of: Mutex::new(HashMap::new()),
             db,
             bus,
             designs: Designs::new(settings)?,
@@ -247,8 +251,20 @@ impl Executor {
     ) -> Result<execution::Model, Error> {
         check_id(id, "execution_id", "an execution")?;
         let row = repo::get(&self.db, id).await?.ok_or_else(|| not_found(id))?;
-        match self.designs.access(credentials, &row.design_id).await {
-            Ok(access) if access >= need => Ok(row),
+        self.allowed(credentials, id, &row.design_id, need).await?;
+        Ok(row)
+    }
+
+    /// Whether the caller may see (or, with `need` editor, control) an execution of a design.
+    async fn allowed(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        design_id: &str,
+        need: Access,
+    ) -> Result<(), Error> {
+        match self.designs.access(credentials, design_id).await {
+            Ok(access) if access >= need => Ok(()),
             Ok(_) => Err(Error::Forbidden(
                 "you can view this design's executions but not run or control them".into(),
             )),
@@ -424,6 +440,13 @@ impl Executor {
                 queued.retain(|_, (_, _, at)| at.elapsed() < Duration::from_secs(60));
             }
             queued.insert(id.clone(), (row.clone(), plan, Instant::now()));
+        }
+        {
+            let mut designs = lock(&self.design_of);
+            if designs.len() >= 100_000 {
+                designs.clear();
+            }
+            designs.insert(id.clone(), row.design_id.clone());
         }
         {
             let mut kept = lock(&self.credentials);
@@ -764,7 +787,15 @@ impl Executor {
         after: &str,
     ) -> Result<impl Stream<Item = Result<pb::WatchExecutionResponse, tonic::Status>> + Send + 'static, Error>
     {
-        let row = self.visible(credentials, id, Access::Viewer).await?;
+        let known = lock(&self.design_of).get(id).cloned();
+        // Whether it has ended; one started here lately is taken as live (the events say).
+        let mut finished = match known {
+            Some(design_id) => {
+                self.allowed(credentials, id, &design_id, Access::Viewer).await?;
+                false
+            }
+            None => Status::parse(&self.visible(credentials, id, Access::Viewer).await?.status).is_terminal(),
+        };
         let after = if after.is_empty() {
             EventId::ZERO
         } else {
@@ -786,7 +817,6 @@ impl Executor {
         }
         let events = self.bus.tail(&name, Some(after)).await?;
         let id = id.to_owned();
-        let mut finished = Status::parse(&row.status).is_terminal();
         let db = self.db.clone();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
