@@ -143,3 +143,105 @@ async fn commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Vec<bool>,
     txn.commit().await?;
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use csp_testkit::TestEnv;
+
+    use super::*;
+
+    fn row(id: &str, key: Option<&str>) -> execution::Model {
+        execution::Model {
+            id: id.into(),
+            design_id: "d".into(),
+            design_revision: 1,
+            status: Status::Queued.as_str().into(),
+            started_by: "alice".into(),
+            created_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+            inputs: "{}".into(),
+            outputs: "{}".into(),
+            error: None,
+            nodes: "[]".into(),
+            options: "{}".into(),
+            plan: "{}".into(),
+            attempt: 0,
+            retry_of: None,
+            retry_from: None,
+            paused_at: String::new(),
+            idempotency_key: key.map(Into::into),
+        }
+    }
+
+    fn finish(id: &str, status: Status, error: Option<&str>) -> Write {
+        Write::Finish {
+            id: id.into(),
+            status,
+            at: Utc::now(),
+            outputs: format!(r#"{{"out":["{id}"]}}"#),
+            error: error.map(Into::into),
+            nodes: "[]".into(),
+        }
+    }
+
+    /// A batch of mixed writes — one execution written several times, a duplicate idempotency
+    /// key, a start of an execution cancelled meanwhile — takes effect as the same writes one by
+    /// one would, each told whether it did.
+    async fn many_writes_in_one_batch_act_as_one_by_one(env: TestEnv) {
+        let settings = env.settings();
+        let db = csp_store::open::<crate::migration::Migrator>(&settings, crate::SERVICE).await.unwrap();
+        let db = db.conn().clone();
+        let now = Utc::now();
+        let writes = vec![
+            Write::Insert(Box::new(row("e1", Some("k1")))),
+            Write::Insert(Box::new(row("e2", None))),
+            Write::Insert(Box::new(row("e3", None))),
+            Write::Insert(Box::new(row("e4", Some("k1")))),
+            Write::CancelQueued { id: "e3".into(), at: now, error: "cancelled".into() },
+            Write::Start { id: "e1".into(), attempt: 1, at: now },
+            Write::Start { id: "e2".into(), attempt: 2, at: now },
+            Write::Start { id: "e3".into(), attempt: 1, at: now },
+            finish("e1", Status::Succeeded, None),
+            finish("e2", Status::Failed, Some("broke")),
+            finish("e3", Status::Succeeded, None),
+        ];
+        let batch: Vec<&Write> = writes.iter().collect();
+        let outcomes = commit(&db, &batch).await.unwrap();
+        assert_eq!(outcomes, [true, true, true, false, true, true, true, false, true, true, false]);
+
+        let e1 = repo::get(&db, "e1").await.unwrap().unwrap();
+        assert_eq!((e1.status.as_str(), e1.attempt, e1.error), ("succeeded", 1, None));
+        assert!(e1.started_at.is_some() && e1.finished_at.is_some());
+        assert_eq!(e1.outputs, r#"{"out":["e1"]}"#);
+        let e2 = repo::get(&db, "e2").await.unwrap().unwrap();
+        assert_eq!((e2.status.as_str(), e2.attempt, e2.error.as_deref()), ("failed", 2, Some("broke")));
+        let e3 = repo::get(&db, "e3").await.unwrap().unwrap();
+        assert_eq!((e3.status.as_str(), e3.attempt, e3.outputs.as_str()), ("cancelled", 0, "{}"));
+        assert!(repo::get(&db, "e4").await.unwrap().is_none(), "the second use of a key is refused");
+
+        // Through the lanes, concurrently: every write answered, every row as written.
+        let writer = Writer::start(db.clone());
+        let ids: Vec<String> = (0..200).map(|i| format!("x{i:03}")).collect();
+        let runs = ids.iter().map(|id| {
+            let writer = writer.clone();
+            async move {
+                let inserted = writer.write(Write::Insert(Box::new(row(id, None)))).await.unwrap();
+                let started =
+                    writer.write(Write::Start { id: id.clone(), attempt: 1, at: now }).await.unwrap();
+                let finished = writer.write(finish(id, Status::Succeeded, None)).await.unwrap();
+                (inserted, started, finished)
+            }
+        });
+        let answers = futures::future::join_all(runs).await;
+        assert!(answers.iter().all(|&a| a == (true, true, true)));
+        for id in &ids {
+            let row = repo::get(&db, id).await.unwrap().unwrap();
+            assert_eq!((row.status.as_str(), row.outputs), ("succeeded", format!(r#"{{"out":["{id}"]}}"#)));
+        }
+    }
+
+    csp_testkit::backend_tests!(many_writes_in_one_batch_act_as_one_by_one);
+}
