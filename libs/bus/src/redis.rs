@@ -4,9 +4,10 @@
 //! header. Keys are `<redis.key_prefix><stream>`.
 //!
 //! Connections: a small pool serves ordinary commands. Blocking reads never use it: consumer
-//! group reads borrow a dedicated connection from a free list, and every tail of this process
-//! shares one *hub* connection that runs `XREAD BLOCK` over all tailed streams at once and fans
-//! entries out. A tail that falls behind the hub is dropped from it and catches up from the
+//! group reads borrow a dedicated connection from a free list, and the tails of this process
+//! share a few *hub* connections — each stream always to the same one — each running `XREAD
+//! BLOCK` over its tailed streams at once and fanning entries out. (A new tail interrupts its
+//! hub's read to join it; several hubs keep one busy hub from delaying every stream.) A tail that falls behind the hub is dropped from it and catches up from the
 //! stream itself (`XRANGE`), so a slow reader never loses events and never stalls the others.
 
 use std::{
@@ -41,6 +42,8 @@ const BATCH: u64 = 256;
 /// Longest a hub read blocks; bounds how late a newly tailed stream joins when the wake-up
 /// races the read.
 const HUB_BLOCK: Duration = Duration::from_millis(1000);
+/// Hub connections per process.
+const HUBS: usize = 4;
 /// Events buffered per tail before the hub drops it to catch up on its own.
 const TAIL_BUFFER: usize = 1024;
 
@@ -56,7 +59,9 @@ struct Inner {
     location: String,
     /// Idle dedicated connections for blocking group reads.
     blocking: Mutex<Vec<fred::clients::Client>>,
-    hub: OnceLock<Arc<Hub>>,
+    hubs: OnceLock<Vec<Arc<Hub>>>,
+    /// Which hub a key goes to.
+    spread: std::hash::RandomState,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -140,7 +145,8 @@ impl RedisBus {
                 prefix: prefix.to_owned(),
                 location,
                 blocking: Mutex::new(Vec::new()),
-                hub: OnceLock::new(),
+                hubs: OnceLock::new(),
+                spread: std::hash::RandomState::new(),
             }),
         })
     }
@@ -197,19 +203,23 @@ impl RedisBus {
         }
     }
 
-    fn hub(&self) -> Arc<Hub> {
-        self.inner
-            .hub
-            .get_or_init(|| {
-                let hub = Arc::new(Hub {
-                    reader: self.inner.pool.next().clone_new(),
-                    keys: Mutex::new(HashMap::new()),
-                    wake: Notify::new(),
-                });
-                tokio::spawn(hub.clone().run());
-                hub
-            })
-            .clone()
+    /// The hub that reads `key`.
+    fn hub(&self, key: &str) -> Arc<Hub> {
+        use std::hash::BuildHasher as _;
+        let hubs = self.inner.hubs.get_or_init(|| {
+            (0..HUBS)
+                .map(|_| {
+                    let hub = Arc::new(Hub {
+                        reader: self.inner.pool.next().clone_new(),
+                        keys: Mutex::new(HashMap::new()),
+                        wake: Notify::new(),
+                    });
+                    tokio::spawn(hub.clone().run());
+                    hub
+                })
+                .collect()
+        });
+        hubs[(self.inner.spread.hash_one(key) % hubs.len() as u64) as usize].clone()
     }
 
     /// Fails with `Truncated` when entries after `after` were trimmed away.
@@ -604,7 +614,7 @@ impl Tail {
             if self.live.is_none() {
                 // Register first, so nothing appended from here on can be missed; the catch-up
                 // reads cover what came before, and the cursor drops duplicates.
-                self.live = Some(self.bus.hub().subscribe(&self.key, cursor).await);
+                self.live = Some(self.bus.hub(&self.key).subscribe(&self.key, cursor).await);
                 self.catching_up = true;
             }
             if self.catching_up {
