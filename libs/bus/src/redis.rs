@@ -12,7 +12,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -213,6 +216,8 @@ impl RedisBus {
                         reader: self.inner.pool.next().clone_new(),
                         keys: Mutex::new(HashMap::new()),
                         wake: Notify::new(),
+                        added: AtomicU64::new(0),
+                        covered: AtomicU64::new(0),
                     });
                     tokio::spawn(hub.clone().run());
                     hub
@@ -220,24 +225,6 @@ impl RedisBus {
                 .collect()
         });
         hubs[(self.inner.spread.hash_one(key) % hubs.len() as u64) as usize].clone()
-    }
-
-    /// Fails with `Truncated` when entries after `after` were trimmed away.
-    async fn check_not_truncated(&self, stream: &str, key: &str, after: EventId) -> Result<()> {
-        let info: Value = match self.inner.pool.xinfo_stream(key, false, None).await {
-            Ok(info) => info,
-            // No such key: nothing was trimmed.
-            Err(e) if e.details().contains("no such key") => return Ok(()),
-            Err(e) => return Err(unavailable(e)),
-        };
-        let max_deleted = field_of(&info, "max-deleted-entry-id")
-            .and_then(text)
-            .and_then(|t| t.parse::<EventId>().ok())
-            .unwrap_or(EventId::ZERO);
-        if after < max_deleted {
-            return Err(BusError::Truncated { stream: stream.to_owned(), after, trimmed_up_to: max_deleted });
-        }
-        Ok(())
     }
 }
 
@@ -357,16 +344,29 @@ impl EventBus for RedisBus {
 
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
         let key = self.key(stream);
-        if let Some(after) = after {
-            self.check_not_truncated(stream, &key, after).await?;
-        }
-        let start = match after {
-            Some(after) => format!("({after}"),
-            None => "-".to_owned(),
+        let Some(after) = after else {
+            let reply: Value =
+                self.inner.pool.xrange(key, "-", "+", Some(limit as u64)).await.map_err(unavailable)?;
+            return parse_entries(reply);
         };
-        let reply: Value =
-            self.inner.pool.xrange(key, start, "+", Some(limit as u64)).await.map_err(unavailable)?;
-        parse_entries(reply)
+        // One round trip: what was trimmed, and what follows `after`.
+        let args = vec![Value::from(format!("({after}")), Value::Integer(limit as i64)];
+        let reply: Value = read_after_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![key], args)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(mut parts) = reply else {
+            return Err(bad_reply("read"));
+        };
+        if parts.len() != 2 {
+            return Err(bad_reply("read shape"));
+        }
+        let entries = parts.pop().unwrap_or(Value::Null);
+        let trimmed_up_to: EventId = text(&parts[0]).ok_or_else(|| bad_reply("trimmed id"))?.parse()?;
+        if after < trimmed_up_to {
+            return Err(BusError::Truncated { stream: stream.to_owned(), after, trimmed_up_to });
+        }
+        parse_entries(entries)
     }
 
     async fn last_id(&self, stream: &str) -> Result<Option<EventId>> {
@@ -654,6 +654,10 @@ struct Hub {
     reader: fred::clients::Client,
     keys: Mutex<HashMap<String, Subscribers>>,
     wake: Notify,
+    /// Counts keys added to `keys`.
+    added: AtomicU64,
+    /// How many of those the read under way (or about to be sent) covers.
+    covered: AtomicU64,
 }
 
 struct Subscribers {
@@ -664,23 +668,34 @@ struct Subscribers {
 impl Hub {
     async fn subscribe(&self, key: &str, cursor: EventId) -> mpsc::Receiver<Event> {
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
-        let is_new = {
+        let added = {
             let mut keys = lock(&self.keys);
             match keys.get_mut(key) {
                 Some(subscribers) => {
                     subscribers.senders.push(tx);
-                    false
+                    None
                 }
                 None => {
                     keys.insert(key.to_owned(), Subscribers { cursor, senders: vec![tx] });
-                    true
+                    Some(self.added.fetch_add(1, Ordering::SeqCst) + 1)
                 }
             }
         };
-        if is_new {
+        if let Some(added) = added {
             self.wake.notify_one();
-            // Interrupt a read that does not include this key yet.
-            let _ = self.reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await;
+            // Interrupt the read under way until one that includes this key replaces it: an
+            // interruption that lands between two reads does nothing, and the next read may
+            // have been put together before the key was added.
+            for _ in 0..100 {
+                if self.covered.load(Ordering::SeqCst) >= added {
+                    break;
+                }
+                let _ = self.reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await;
+                if self.covered.load(Ordering::SeqCst) >= added {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         rx
     }
@@ -696,6 +711,8 @@ impl Hub {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
+            // Read before the keys: every key counted here is among them.
+            let added = self.added.load(Ordering::SeqCst);
             let (keys, ids): (Vec<String>, Vec<String>) = {
                 let mut keys = lock(&self.keys);
                 keys.retain(|_, subs| {
@@ -708,6 +725,7 @@ impl Hub {
                 self.wake.notified().await;
                 continue;
             }
+            self.covered.store(added, Ordering::SeqCst);
             let options = fred::types::config::Options {
                 timeout: Some(HUB_BLOCK + Duration::from_secs(10)),
                 ..Default::default()
@@ -755,6 +773,29 @@ impl Hub {
             }
         }
     }
+}
+
+/// The entries after an id (`ARGV[1]`, exclusive, at most `ARGV[2]`) and the stream's
+/// `max-deleted-entry-id` (see [`capped_append_script`]), `0-0` for a stream never trimmed.
+fn read_after_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'0-0', {}}
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local trimmed = '0-0'
+for i = 1, #info, 2 do
+  if info[i] == 'max-deleted-entry-id' then
+    trimmed = info[i + 1]
+  end
+end
+return {trimmed, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+"#,
+        )
+    })
 }
 
 /// XADD with an exact MAXLEN that also records the last trimmed id as the stream's
@@ -869,17 +910,6 @@ fn bytes_of(value: Value) -> Bytes {
         Value::String(s) => s.into_inner(),
         Value::Integer(i) => Bytes::from(i.to_string()),
         _ => Bytes::new(),
-    }
-}
-
-/// A field of a flat `[key, value, key, value, ...]` reply (the connection speaks RESP2).
-fn field_of<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
-    match value {
-        Value::Array(items) => items
-            .chunks(2)
-            .find(|pair| pair.first().and_then(text).as_deref() == Some(name))
-            .and_then(|pair| pair.get(1)),
-        _ => None,
     }
 }
 

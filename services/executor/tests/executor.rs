@@ -37,10 +37,15 @@ async fn connect(addr: SocketAddr) -> Channel {
 }
 
 async fn start(env: &TestEnv) -> Harness {
+    start_with(env, |_| {}).await
+}
+
+async fn start_with(env: &TestEnv, tweak: impl FnOnce(&mut csp_platform::Settings)) -> Harness {
     let issuer = TestIssuer::start().await;
     let mut settings = env.settings();
     issuer.point(&mut settings);
     settings.executor.threads = 2;
+    tweak(&mut settings);
     let stop = CancellationToken::new();
     let listener = bind("registry", "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let registry = csp_registry::Application::with_listener(&settings, env.bus(), listener).await.unwrap();
@@ -322,6 +327,45 @@ async fn a_watch_resumes_where_it_left_off(env: TestEnv) {
         pb::WatchExecutionRequest { execution_id: execution.id, after_event_id: "not-an-id".into() };
     let status = h.executor.clone().watch_execution(authed(request, &alice)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// Only the latest events of an execution are kept: a watch from before them is told so
+/// (rather than silently missing some), one from within them gets the rest.
+async fn a_watch_from_trimmed_events_is_told(env: TestEnv) {
+    let h = start_with(&env, |s| s.executor.events_kept = 10).await;
+    let alice = h.designer("alice");
+    let design = h
+        .design(
+            &alice,
+            vec![
+                node("tick", "source.sequence", json!({ "count": 30 })),
+                node("log", "sink.log", json!({})),
+                link("c1", "tick", "out", "log", "in"),
+            ],
+        )
+        .await;
+    let execution =
+        h.run(&alice, pb::StartExecutionRequest { design_id: design, ..Default::default() }).await.unwrap();
+    let ended = async {
+        loop {
+            let now = h.get(&alice, &execution.id).await;
+            if now.status == pb::ExecutionStatus::Succeeded as i32 {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), ended).await.expect("the execution ends");
+
+    let request =
+        pb::WatchExecutionRequest { execution_id: execution.id.clone(), after_event_id: String::new() };
+    let outcome = match h.executor.clone().watch_execution(authed(request, &alice)).await {
+        Ok(stream) => stream.into_inner().next().await.expect("an answer").map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let status = outcome.expect_err("the first events are gone");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("no longer kept (at most 10 per execution)"), "{}", status.message());
 }
 
 /// Cancel stops a running execution promptly; it ends CANCELLED with the reason.
@@ -683,6 +727,7 @@ async fn permissions_and_bad_requests(env: TestEnv) {
 }
 
 csp_testkit::backend_tests!(
+    a_watch_from_trimmed_events_is_told,
     an_execution_runs_streams_and_returns_its_outputs,
     a_watch_resumes_where_it_left_off,
     cancel_stops_a_running_execution,
