@@ -788,11 +788,13 @@ impl Executor {
     ) -> Result<impl Stream<Item = Result<pb::WatchExecutionResponse, tonic::Status>> + Send + 'static, Error>
     {
         let known = lock(&self.design_of).get(id).cloned();
-        // Whether it has ended; one started here lately is taken as live (the events say).
+        // Whether it has ended. One started here lately has ended if it ended here (its caller's
+        // credentials are dropped then); else it is taken as live until a quiet stream says
+        // otherwise.
         let mut finished = match known {
             Some(design_id) => {
                 self.allowed(credentials, id, &design_id, Access::Viewer).await?;
-                false
+                !lock(&self.credentials).contains_key(id)
             }
             None => Status::parse(&self.visible(credentials, id, Access::Viewer).await?.status).is_terminal(),
         };
