@@ -317,7 +317,7 @@ pub struct Network {
     shards: Arc<Shards>,
     graph: Arc<watch::Graph>,
     tracker: Arc<watch::Tracker>,
-    types: Vec<String>,
+    types: Arc<[String]>,
     stats: Vec<Arc<stats::NodeStats>>,
     collected: Vec<(String, Arc<components::Collected>)>,
     shared: Arc<Shared>,
@@ -620,8 +620,8 @@ impl Network {
         // Dropping this future stops the network, as it would if it ran here.
         let stop = cancel.child_token();
         let _stop_when_dropped = stop.clone().drop_guard();
-        let ids = self.shared.node_ids.clone();
-        let types = self.types.clone();
+        // Shared, not copied: for the outcome of a crash only.
+        let (shared, types) = (self.shared.clone(), self.types.clone());
         match shard.clone().spawn(self.supervise(stop, shard)).await {
             Ok(outcome) => outcome,
             Err(crashed) => {
@@ -633,12 +633,13 @@ impl Network {
                         message: format!("the execution crashed: {crashed}"),
                         ..Default::default()
                     }),
-                    nodes: ids
-                        .into_iter()
-                        .zip(types)
+                    nodes: shared
+                        .node_ids
+                        .iter()
+                        .zip(types.iter())
                         .map(|(node_id, r#type)| pb::NodeSummary {
-                            node_id,
-                            r#type,
+                            node_id: node_id.clone(),
+                            r#type: r#type.clone(),
                             status: pb::NodeStatus::Cancelled as i32,
                             ..Default::default()
                         })
