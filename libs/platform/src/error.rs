@@ -28,6 +28,13 @@ impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self { field: field.into(), description: description.into() }
     }
+
+    /// `invalid request: a: why; b: why`, the message of an INVALID_ARGUMENT naming them all.
+    pub fn summary(violations: &[FieldViolation]) -> String {
+        let listed: Vec<String> =
+            violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
+        format!("invalid request: {}", listed.join("; "))
+    }
 }
 
 /// Collects field violations while validating a request.

@@ -70,14 +70,7 @@ impl Error {
             1 => {
                 Err(Self::field(violations.into_iter().next().unwrap_or_else(|| FieldViolation::new("", ""))))
             }
-            _ => {
-                let message = violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                Err(Error::Invalid { message: format!("invalid request: {message}"), violations })
-            }
+            _ => Err(Error::Invalid { message: FieldViolation::summary(&violations), violations }),
         }
     }
 }

@@ -42,12 +42,7 @@ impl Error {
 
     /// INVALID_ARGUMENT listing every violation in its message too.
     pub(crate) fn fields(violations: Vec<FieldViolation>) -> Self {
-        let message = violations
-            .iter()
-            .map(|v| format!("{}: {}", v.field, v.description))
-            .collect::<Vec<_>>()
-            .join("; ");
-        Error::Invalid { message: format!("invalid request: {message}"), violations }
+        Error::Invalid { message: FieldViolation::summary(&violations), violations }
     }
 }
 
