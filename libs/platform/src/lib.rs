@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod http;
+mod local;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;

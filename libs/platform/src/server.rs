@@ -16,6 +16,9 @@
 //! Every call also gets `server.request_timeout` as its deadline unless the client sent a
 //! `grpc-timeout` (for streams the deadline covers the response headers, not the stream).
 //!
+//! The stack from `ObserveLayer` down is also reachable in process, under the listening
+//! address, by clients of this process (see [`crate::local`]) until the server drains.
+//!
 //! Shutdown: when the shutdown future completes the server reports NOT_SERVING, waits
 //! `server.shutdown_delay` (so load balancers stop routing to it), stops accepting, and gives
 //! in-flight calls `server.drain_timeout` to finish.
@@ -214,9 +217,6 @@ impl GrpcServer {
             report,
             auth,
         } = self;
-        health.refresh().await;
-        let monitor = tokio::spawn(health.clone().monitor(settings.health_check_interval));
-
         let advertised = reflected.unwrap_or_else(|| served.clone());
         add_reflection(&mut routes, &advertised)?;
         routes.add_service(tonic_health::pb::health_server::HealthServer::new(
@@ -231,8 +231,12 @@ impl GrpcServer {
             None => BoxCloneSyncService::new(limited),
         };
         let observed = BoxCloneSyncService::new(ObserveLayer::new(name).layer(authenticated));
+        // Callers in this process reach the same stack without the network, until the drain.
+        let registration = crate::local::register(local_addr, observed.clone(), settings.request_timeout);
         let service =
             ServiceBuilder::new().layer(HttpEndpointsLayer::new(report, metrics)).service(edge(observed));
+        health.refresh().await;
+        let monitor = tokio::spawn(health.clone().monitor(settings.health_check_interval));
 
         // Connections that outlive the drain timeout are closed through `kill`.
         let kill = CancellationToken::new();
@@ -264,6 +268,7 @@ impl GrpcServer {
         }
 
         tracing::info!(server = name, "shutting down: reporting NOT_SERVING");
+        drop(registration);
         health.begin_drain().await;
         monitor.abort();
         tokio::time::sleep(settings.shutdown_delay).await;

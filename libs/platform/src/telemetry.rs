@@ -177,17 +177,6 @@ impl Extractor for MapExtractor<'_> {
     }
 }
 
-/// A tonic interceptor that puts the current trace context into outgoing metadata. Use it on
-/// every client that calls another service.
-pub fn inject_trace_interceptor(
-    mut request: tonic::Request<()>,
-) -> Result<tonic::Request<()>, tonic::Status> {
-    let mut headers = std::mem::take(request.metadata_mut()).into_headers();
-    inject_context(&mut HeaderCarrier(&mut headers));
-    *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
-    Ok(request)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -187,3 +187,48 @@ async fn unknown_methods_are_unimplemented_and_deadlines_apply() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+/// Established TCP connections whose far end is `port` on this machine (Linux `/proc/net`).
+fn connections_to(port: u16) -> usize {
+    let remote_port = format!(":{port:04X}");
+    let established = |line: &&str| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3 && fields[2].ends_with(&remote_port) && fields[3] == "01"
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| table.lines().skip(1).filter(established).count())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_in_the_same_process_reaches_the_server_without_a_socket() {
+    let mut settings = settings();
+    settings.server.shutdown_delay = Duration::ZERO;
+    let (addr, stop, task) = start(&settings, Arc::new(AtomicBool::new(true))).await;
+    settings.services.auth.address = format!("http://{addr}");
+    let mut client = AuthServiceClient::new(
+        csp_platform::client::channel(&settings, csp_platform::Service::Auth).unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await; // the server task is under way
+
+    let user = client.me(Request::new(MeRequest {})).await.unwrap().into_inner().user.unwrap();
+    assert_eq!(user.id, "u");
+    assert_eq!(connections_to(addr.port()), 0, "the call opened no connection");
+
+    // The caller's deadline holds as over the network.
+    let mut request = Request::new(MeRequest {});
+    request.set_timeout(Duration::from_millis(100));
+    request.metadata_mut().insert("x-sleep-ms", "2000".parse().unwrap());
+    let started = Instant::now();
+    let status = client.me(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // A server that has stopped is gone for callers in process too.
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let status = client.me(Request::new(MeRequest {})).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
