@@ -135,6 +135,11 @@ async fn lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Pending>) {
 }
 
 async fn commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Vec<bool>, DbErr> {
+    if let [only] = writes {
+        // A statement is a transaction of its own: BEGIN and COMMIT would be two more round
+        // trips for nothing.
+        return Ok(vec![only.apply(db).await?]);
+    }
     let txn = db.begin().await?;
     let mut outcomes = Vec::with_capacity(writes.len());
     for write in writes {
