@@ -102,6 +102,24 @@ impl NewEvent {
     }
 }
 
+/// Events to append to one stream, for [`EventBus::append_many`].
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// The stream.
+    pub stream: String,
+    /// The events, in order.
+    pub events: Vec<NewEvent>,
+    /// Trim the stream to at most this many events afterwards.
+    pub cap: Option<u64>,
+}
+
+impl Append {
+    /// `events` for `stream`, trimmed to `cap` when given.
+    pub fn new(stream: impl Into<String>, events: Vec<NewEvent>, cap: Option<u64>) -> Self {
+        Self { stream: stream.into(), events, cap }
+    }
+}
+
 /// An event read from a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -236,6 +254,18 @@ pub trait EventBus: Counters {
         Ok(ids)
     }
 
+    /// Appends to several streams in one round trip where the backend allows: each
+    /// [`Append`] lands (and is trimmed to its cap) before the next, so a reader of the later
+    /// streams that looks at the earlier ones finds them written. Either all are appended or
+    /// none (on Redis they run as one script). Returns the ids per `Append`.
+    async fn append_many(&self, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
+        let mut ids = Vec::with_capacity(appends.len());
+        for append in appends {
+            ids.push(self.append_all(&append.stream, append.events, append.cap).await?);
+        }
+        Ok(ids)
+    }
+
     /// Up to `limit` events strictly after `after`; `None` reads from the oldest event kept.
     /// Fails with [`BusError::Truncated`] when events after `after` were trimmed away.
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>>;
@@ -250,7 +280,9 @@ pub trait EventBus: Counters {
     async fn delete(&self, stream: &str) -> Result<()>;
 
     /// Events strictly after `after`, then live ones as they are appended, forever (drop the
-    /// stream to stop). `None` means only events appended from now on.
+    /// stream to stop). `None` means only events appended from now on. The first events are
+    /// read before this returns, so a resume from before what is kept fails here with
+    /// [`BusError::Truncated`] (a trim that overtakes the tail later ends the stream with it).
     async fn tail(&self, stream: &str, after: Option<EventId>) -> Result<BoxStream<'static, Result<Event>>>;
 
     /// Creates a consumer group (and the stream if needed); succeeds if it exists already.

@@ -11,7 +11,8 @@ use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::watch;
 
 use crate::{
-    BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
+    Append, BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary,
+    Result,
 };
 
 /// Batch size of a tail's reads.
@@ -206,6 +207,38 @@ impl Counters for MemoryBus {
     }
 }
 
+/// Appends `events` to `stream` under the bus's lock.
+fn append_locked(
+    streams: &mut HashMap<String, StreamState>,
+    stream: &str,
+    events: Vec<NewEvent>,
+    cap: Option<u64>,
+) -> Vec<EventId> {
+    let state = streams.entry(stream.to_owned()).or_insert_with(StreamState::new);
+    let mut ids = Vec::with_capacity(events.len());
+    for event in events {
+        let ms = now_ms().max(state.last_id.ms);
+        let id = if ms == state.last_id.ms {
+            EventId::new(ms, state.last_id.seq + 1)
+        } else {
+            EventId::new(ms, 0)
+        };
+        state.last_id = id;
+        state.entries.push_back(Event { id, headers: event.headers, payload: event.payload });
+        ids.push(id);
+    }
+    let Some(&id) = ids.last() else { return ids };
+    if let Some(cap) = cap {
+        while state.entries.len() as u64 > cap {
+            if let Some(trimmed) = state.entries.pop_front() {
+                state.max_deleted = trimmed.id;
+            }
+        }
+    }
+    state.notify.send_replace(id);
+    ids
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -227,30 +260,15 @@ impl EventBus for MemoryBus {
         events: Vec<NewEvent>,
         cap: Option<u64>,
     ) -> Result<Vec<EventId>> {
+        Ok(append_locked(&mut self.lock(), stream, events, cap))
+    }
+
+    async fn append_many(&self, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
         let mut streams = self.lock();
-        let state = streams.entry(stream.to_owned()).or_insert_with(StreamState::new);
-        let mut ids = Vec::with_capacity(events.len());
-        for event in events {
-            let ms = now_ms().max(state.last_id.ms);
-            let id = if ms == state.last_id.ms {
-                EventId::new(ms, state.last_id.seq + 1)
-            } else {
-                EventId::new(ms, 0)
-            };
-            state.last_id = id;
-            state.entries.push_back(Event { id, headers: event.headers, payload: event.payload });
-            ids.push(id);
-        }
-        let Some(&id) = ids.last() else { return Ok(ids) };
-        if let Some(cap) = cap {
-            while state.entries.len() as u64 > cap {
-                if let Some(trimmed) = state.entries.pop_front() {
-                    state.max_deleted = trimmed.id;
-                }
-            }
-        }
-        state.notify.send_replace(id);
-        Ok(ids)
+        Ok(appends
+            .into_iter()
+            .map(|append| append_locked(&mut streams, &append.stream, append.events, append.cap))
+            .collect())
     }
 
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
@@ -276,31 +294,38 @@ impl EventBus for MemoryBus {
         let mut changes = self.subscribe(stream);
         // "From now on" is resolved when the tail is created, not when it is first polled.
         let start = after.unwrap_or_else(|| *changes.borrow_and_update());
-        Ok(stream::unfold(Some((start, changes)), move |state| {
-            let bus = bus.clone();
-            let stream_name = stream_name.clone();
-            async move {
-                let (mut cursor, mut changes) = state?;
-                loop {
-                    match bus.read_now(&stream_name, Some(cursor), TAIL_BATCH) {
-                        Err(e) => return Some((stream::iter(vec![Err(e)]), None)),
-                        Ok(events) if !events.is_empty() => {
-                            cursor = events.last().map_or(cursor, |e| e.id);
-                            let items: Vec<Result<Event>> = events.into_iter().map(Ok).collect();
-                            return Some((stream::iter(items), Some((cursor, changes))));
-                        }
-                        Ok(_) => {
-                            if changes.changed().await.is_err() {
-                                // The stream was deleted: start over on a fresh one.
-                                changes = bus.subscribe(&stream_name);
+        // The first events now: a resume from before what is kept fails here.
+        let first = self.read_now(stream, Some(start), TAIL_BATCH)?;
+        let start = first.last().map_or(start, |e| e.id);
+        let first = stream::iter(first.into_iter().map(Ok));
+        Ok(first
+            .chain(
+                stream::unfold(Some((start, changes)), move |state| {
+                    let bus = bus.clone();
+                    let stream_name = stream_name.clone();
+                    async move {
+                        let (mut cursor, mut changes) = state?;
+                        loop {
+                            match bus.read_now(&stream_name, Some(cursor), TAIL_BATCH) {
+                                Err(e) => return Some((stream::iter(vec![Err(e)]), None)),
+                                Ok(events) if !events.is_empty() => {
+                                    cursor = events.last().map_or(cursor, |e| e.id);
+                                    let items: Vec<Result<Event>> = events.into_iter().map(Ok).collect();
+                                    return Some((stream::iter(items), Some((cursor, changes))));
+                                }
+                                Ok(_) => {
+                                    if changes.changed().await.is_err() {
+                                        // The stream was deleted: start over on a fresh one.
+                                        changes = bus.subscribe(&stream_name);
+                                    }
+                                }
                             }
                         }
                     }
-                }
-            }
-        })
-        .flatten()
-        .boxed())
+                })
+                .flatten(),
+            )
+            .boxed())
     }
 
     async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()> {

@@ -33,7 +33,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary, Result,
+    Append, BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary,
+    Result,
 };
 
 /// Payload field of an entry.
@@ -324,22 +325,46 @@ impl EventBus for RedisBus {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut args = Vec::with_capacity(2 + events.len() * 4);
-        args.push(Value::Integer(cap.map_or(0, |cap| cap.max(1) as i64)));
-        for event in events {
-            args.push(Value::Integer(2 * (1 + event.headers.len() as i64)));
-            args.push(Value::from(PAYLOAD_FIELD));
-            args.push(Value::Bytes(event.payload));
-            for (name, value) in event.headers {
-                args.push(Value::from(format!("{HEADER_PREFIX}{name}")));
-                args.push(Value::from(value));
+        let mut ids = self.append_many(vec![Append::new(stream, events, cap)]).await?;
+        Ok(ids.pop().unwrap_or_default())
+    }
+
+    async fn append_many(&self, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
+        if appends.iter().all(|a| a.events.is_empty()) {
+            return Ok(appends.iter().map(|_| Vec::new()).collect());
+        }
+        let keys: Vec<String> = appends.iter().map(|a| self.key(&a.stream)).collect();
+        let mut args = Vec::with_capacity(appends.iter().map(|a| 2 + a.events.len() * 4).sum());
+        for append in appends {
+            args.push(Value::Integer(append.cap.map_or(0, |cap| cap.max(1) as i64)));
+            args.push(Value::Integer(append.events.len() as i64));
+            for event in append.events {
+                args.push(Value::Integer(2 * (1 + event.headers.len() as i64)));
+                args.push(Value::from(PAYLOAD_FIELD));
+                args.push(Value::Bytes(event.payload));
+                for (name, value) in event.headers {
+                    args.push(Value::from(format!("{HEADER_PREFIX}{name}")));
+                    args.push(Value::from(value));
+                }
             }
         }
-        let ids: Vec<String> = append_all_script()
-            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
+        let reply: Value = append_many_script()
+            .evalsha_with_reload(self.inner.pool.next(), keys, args)
             .await
             .map_err(unavailable)?;
-        ids.iter().map(|id| id.parse()).collect()
+        let Value::Array(per_stream) = reply else {
+            return Err(bad_reply("append"));
+        };
+        per_stream
+            .iter()
+            .map(|ids| match ids {
+                Value::Array(ids) => {
+                    ids.iter().map(|id| text(id).ok_or_else(|| bad_reply("id"))?.parse()).collect()
+                }
+                // An empty Lua table comes back as an empty reply.
+                _ => Ok(Vec::new()),
+            })
+            .collect()
     }
 
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
@@ -389,14 +414,16 @@ impl EventBus for RedisBus {
             Some(after) => after,
             None => self.last_id(stream).await?.unwrap_or(EventId::ZERO),
         };
-        let tail = Tail {
+        let mut tail = Tail {
             bus: self.clone(),
             stream: stream.to_owned(),
             key: self.key(stream),
             cursor,
             live: None,
             catching_up: true,
+            ready: Vec::new(),
         };
+        tail.start().await?;
         Ok(stream::unfold(Some(tail), |state| async move {
             let mut tail = state?;
             match tail.next_batch().await {
@@ -605,10 +632,28 @@ struct Tail {
     live: Option<mpsc::Receiver<Event>>,
     /// Reading the stream itself until it has nothing newer than the cursor.
     catching_up: bool,
+    /// Events read by `start`, not yet handed out.
+    ready: Vec<Event>,
 }
 
 impl Tail {
+    /// Joins the hub and reads the first events, so what is wrong with the cursor (trimmed
+    /// away) is known before the tail is handed out.
+    async fn start(&mut self) -> Result<()> {
+        self.live = Some(self.bus.hub(&self.key).subscribe(&self.key, self.cursor).await);
+        let events = self.bus.read(&self.stream, Some(self.cursor), BATCH as usize).await?;
+        self.catching_up = events.len() >= BATCH as usize;
+        if let Some(last) = events.last() {
+            self.cursor = last.id;
+        }
+        self.ready = events;
+        Ok(())
+    }
+
     async fn next_batch(&mut self) -> Result<Vec<Event>> {
+        if !self.ready.is_empty() {
+            return Ok(std::mem::take(&mut self.ready));
+        }
         loop {
             let cursor = self.cursor;
             if self.live.is_none() {
@@ -823,30 +868,37 @@ return id
     })
 }
 
-/// Several XADDs in one call (ARGV: cap or 0, then per event its field count and fields), then
-/// the trim of `capped_append_script`.
-fn append_all_script() -> &'static fred::types::scripts::Script {
+/// XADDs to several streams in one call. Per key, ARGV holds its cap (0: none), its event
+/// count, then per event its field count and fields; after a key's events, the trim of
+/// `capped_append_script`. Returns the ids per key.
+fn append_many_script() -> &'static fred::types::scripts::Script {
     static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
     SCRIPT.get_or_init(|| {
         fred::types::scripts::Script::from_lua(
             r#"
-local cap = tonumber(ARGV[1])
-local ids = {}
-local i = 2
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
-  i = i + 1 + n
-end
-if cap > 0 then
-  local excess = redis.call('XLEN', KEYS[1]) - cap
-  if excess > 0 then
-    local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
-    redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', cap)
-    redis.call('XSETID', KEYS[1], ids[#ids], 'MAXDELETEDID', old[#old][1])
+local result = {}
+local i = 1
+for k = 1, #KEYS do
+  local cap = tonumber(ARGV[i])
+  local count = tonumber(ARGV[i + 1])
+  i = i + 2
+  local ids = {}
+  for _ = 1, count do
+    local n = tonumber(ARGV[i])
+    ids[#ids + 1] = redis.call('XADD', KEYS[k], '*', unpack(ARGV, i + 1, i + n))
+    i = i + 1 + n
   end
+  if cap > 0 and #ids > 0 then
+    local excess = redis.call('XLEN', KEYS[k]) - cap
+    if excess > 0 then
+      local old = redis.call('XRANGE', KEYS[k], '-', '+', 'COUNT', excess)
+      redis.call('XTRIM', KEYS[k], 'MAXLEN', '=', cap)
+      redis.call('XSETID', KEYS[k], ids[#ids], 'MAXDELETEDID', old[#old][1])
+    end
+  end
+  result[k] = ids
 end
-return ids
+return result
 "#,
         )
     })

@@ -5,7 +5,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use csp_bus::{BusError, Event, EventId, GroupStart, NewEvent, SharedBus};
+use csp_bus::{Append, BusError, Event, EventId, GroupStart, NewEvent, SharedBus};
 use csp_testkit::TestEnv;
 use futures::StreamExt as _;
 use tokio::time::timeout;
@@ -118,11 +118,47 @@ async fn the_cap_holds_and_trimmed_history_is_reported(env: TestEnv) {
         Err(BusError::Truncated { after, .. }) => assert_eq!(after, ids[10]),
         other => panic!("expected Truncated, got {other:?}"),
     }
-    let mut tail = bus.tail("capped", Some(ids[0])).await.unwrap();
-    match timeout(Duration::from_secs(5), tail.next()).await.unwrap() {
-        Some(Err(BusError::Truncated { .. })) => {}
-        other => panic!("expected Truncated from the tail, got {other:?}"),
+    // A tail knows at once: its caller can refuse the resume instead of streaming an error.
+    match bus.tail("capped", Some(ids[0])).await {
+        Err(BusError::Truncated { after, .. }) => assert_eq!(after, ids[0]),
+        Err(other) => panic!("expected Truncated from the tail, got {other:?}"),
+        Ok(_) => panic!("expected Truncated from the tail, got a tail"),
     }
+    let mut tail = bus.tail("capped", Some(ids[39])).await.unwrap();
+    assert_eq!(numbers(&take(&mut tail, 10).await), (40..50).collect::<Vec<_>>());
+}
+
+async fn appends_to_several_streams_land_in_order(env: TestEnv) {
+    let bus = env.bus();
+    let mut jobs = bus.tail("jobs", None).await.unwrap();
+    let appends = vec![
+        Append::new("events", vec![payload(1), payload(2)], Some(3)),
+        Append::new("jobs", vec![payload(3)], None),
+        Append::new("untouched", Vec::new(), None),
+    ];
+    let ids = bus.append_many(appends).await.unwrap();
+    assert_eq!(ids.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 0]);
+    // Whoever sees the later stream's event finds the earlier stream written.
+    let job = take(&mut jobs, 1).await;
+    assert_eq!((numbers(&job), job[0].id), (vec![3], ids[1][0]));
+    let events = bus.read("events", None, 10).await.unwrap();
+    assert_eq!(numbers(&events), [1, 2]);
+    assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), ids[0]);
+    assert_eq!(bus.len("untouched").await.unwrap(), 0);
+
+    // Each stream keeps its own cap.
+    let more = vec![
+        Append::new("events", vec![payload(4), payload(5)], Some(3)),
+        Append::new("jobs", vec![payload(6)], None),
+    ];
+    bus.append_many(more).await.unwrap();
+    assert_eq!(numbers(&bus.read("events", None, 10).await.unwrap()), [2, 4, 5]);
+    assert_eq!(numbers(&bus.read("jobs", None, 10).await.unwrap()), [3, 6]);
+    match bus.read("events", Some(EventId::ZERO), 10).await {
+        Err(BusError::Truncated { .. }) => {}
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+    assert!(bus.append_many(Vec::new()).await.unwrap().is_empty());
 }
 
 async fn batches_append_in_order_and_respect_the_cap(env: TestEnv) {
@@ -406,6 +442,7 @@ csp_testkit::backend_tests!(
     appends_keep_order_and_round_trip,
     readers_resume_without_gaps_or_repeats,
     the_cap_holds_and_trimmed_history_is_reported,
+    appends_to_several_streams_land_in_order,
     batches_append_in_order_and_respect_the_cap,
     tails_see_backlog_then_live_events,
     many_concurrent_tails_each_get_their_stream,
