@@ -19,7 +19,7 @@ use std::{
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, SubsecRound as _, Utc};
-use csp_bus::{Delivery, EventId, GroupStart, NewEvent, SharedBus};
+use csp_bus::{Append, Delivery, EventId, GroupStart, NewEvent, SharedBus};
 use csp_platform::{FieldViolation, Settings, auth::Principal};
 use csp_proto::{executor::v1 as pb, json as pbjson};
 use futures::{Stream, StreamExt as _};
@@ -219,25 +219,18 @@ impl Executor {
 
     /// Publishes events of one execution, in order, in one bus call.
     async fn events(&self, id: &str, kinds: impl IntoIterator<Item = Event>) -> Result<(), Error> {
-        let new: Vec<NewEvent> = kinds
-            .into_iter()
-            .map(|kind| {
-                let event = pb::ExecutionEvent {
-                    event_id: String::new(),
-                    execution_id: String::new(),
-                    time: Some(timestamp(Utc::now())),
-                    kind: Some(kind),
-                };
-                NewEvent::new(event.encode_to_vec()).with_trace_context()
-            })
-            .collect();
-        self.bus.append_all(&stream(id), new, Some(self.settings.executor.events_kept)).await?;
+        self.bus
+            .append_all(&stream(id), kinds.into_iter().map(new_event).collect(), Some(self.events_kept()))
+            .await?;
         Ok(())
     }
 
+    fn events_kept(&self) -> u64 {
+        self.settings.executor.events_kept
+    }
+
     async fn status_event(&self, id: &str, status: Status, error: Option<pb::ExecutionError>) {
-        let kind = Event::StatusChanged(pb::StatusChanged { status: status.to_pb() as i32, error });
-        if let Err(e) = self.event(id, kind).await {
+        if let Err(e) = self.event(id, status_changed(status, error)).await {
             tracing::warn!(execution_id = %id, error = %e, "could not publish a status change");
         }
     }
@@ -453,8 +446,36 @@ impl Executor {
             kept.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(24 * 3600));
             kept.insert(id.clone(), (credentials, Instant::now()));
         }
-        self.status_event(&id, Status::Queued, None).await;
-        self.bus.append(JOBS, NewEvent::new(id.clone()).with_trace_context(), None).await?;
+        // The QUEUED event and the job in one call, the event first: whoever takes the job
+        // finds the execution's stream begun.
+        let queued = Append::new(
+            stream(&id),
+            vec![new_event(status_changed(Status::Queued, None))],
+            Some(self.events_kept()),
+        );
+        let job = Append::new(JOBS, vec![NewEvent::new(id.clone()).with_trace_context()], None);
+        if let Err(e) = self.bus.append_many(vec![queued, job]).await {
+            // Nobody would ever take it: it ends here rather than stay queued forever.
+            let failure = StoredFailure {
+                code: "unavailable".into(),
+                message: "the execution could not be queued: the event bus is unavailable".into(),
+                ..Default::default()
+            };
+            let write = Write::Finish {
+                id: id.clone(),
+                status: Status::Failed,
+                at: now(),
+                outputs: "{}".into(),
+                error: Some(serde_json::to_string(&failure).unwrap_or_default()),
+                nodes: row.nodes.clone(),
+            };
+            if let Err(stored) = self.writer.write(write).await {
+                tracing::warn!(execution_id = %id, error = %stored, "cannot record an execution that could not be queued");
+            }
+            lock(&self.queued_here).remove(&id);
+            lock(&self.credentials).remove(&id);
+            return Err(e.into());
+        }
         metrics::counter!("csp_executor_executions_total", "status" => "queued").increment(1);
         Ok(to_pb(&row, true))
     }
@@ -803,21 +824,19 @@ impl Executor {
         } else {
             after.parse::<EventId>().map_err(|e| Error::field("after_event_id", e.to_string()))?
         };
-        let name = stream(id);
-        match self.bus.read(&name, Some(after), 1).await {
+        let events = match self.bus.tail(&stream(id), Some(after)).await {
+            Ok(events) => events,
             Err(csp_bus::BusError::Truncated { trimmed_up_to, .. }) => {
                 return Err(Error::precondition(
                     "EVENTS_TRIMMED",
                     format!(
                         "events up to {trimmed_up_to} are no longer kept (at most {} per execution); GetExecution has the final state",
-                        self.settings.executor.events_kept
+                        self.events_kept()
                     ),
                 ));
             }
             Err(e) => return Err(e.into()),
-            Ok(_) => {}
-        }
-        let events = self.bus.tail(&name, Some(after)).await?;
+        };
         let id = id.to_owned();
         let db = self.db.clone();
         let (tx, rx) = mpsc::channel(256);
@@ -1002,20 +1021,17 @@ impl Executor {
         if !self.writer.write(Write::Start { id: id.clone(), attempt, at: now() }).await? {
             return Ok(());
         }
+        // The run's first events go out with the network's first ones, in one bus call.
+        let (tx, mut rx) = mpsc::channel(4096);
         if attempt > 1 {
-            let _ = self
-                .event(
-                    &id,
-                    Event::Log(pb::LogLine {
-                        node_id: String::new(),
-                        level: "warn".into(),
-                        message: format!("attempt {attempt}: the replica running this execution stopped; running it again from the start"),
-                        data: None,
-                    }),
-                )
-                .await;
+            let _ = tx.try_send(Event::Log(pb::LogLine {
+                node_id: String::new(),
+                level: "warn".into(),
+                message: format!("attempt {attempt}: the replica running this execution stopped; running it again from the start"),
+                data: None,
+            }));
         }
-        self.status_event(&id, Status::Running, None).await;
+        let _ = tx.try_send(status_changed(Status::Running, None));
         metrics::counter!("csp_executor_executions_total", "status" => "running").increment(1);
 
         let stored: StoredOptions = serde_json::from_str(&row.options)
@@ -1036,10 +1052,16 @@ impl Executor {
             Services { ai: Some(Arc::new(ai)), execution_id: id.clone(), traceparent: current_traceparent() };
         let debugger = Debugger::new(stored.breakpoints.clone());
         let cancel = CancellationToken::new();
-        let (tx, rx) = mpsc::channel(4096);
         let network = match Network::build(&plan, options, services, debugger.clone(), tx) {
             Ok(network) => network,
             Err(problems) => {
+                let mut early = Vec::new();
+                while let Ok(event) = rx.try_recv() {
+                    early.push(event);
+                }
+                if let Err(e) = self.events(&id, early).await {
+                    tracing::warn!(execution_id = %id, error = %e, "cannot publish execution events");
+                }
                 let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
                 let failure = pb::ExecutionError {
                     code: "invalid_design".into(),
@@ -1052,7 +1074,8 @@ impl Executor {
         let reason = Arc::new(Mutex::new(None));
         lock(&self.running)
             .insert(id.clone(), Running { cancel: cancel.clone(), debugger, job, reason: reason.clone() });
-        let pump = tokio::spawn(self.clone().pump(id.clone(), rx));
+        // In the execution's span: every event it publishes carries the execution's trace.
+        let pump = tokio::spawn(tracing::Instrument::in_current_span(self.clone().pump(id.clone(), rx)));
         let outcome = network.run(cancel).await;
         let _ = pump.await;
         let cancelled_because = lock(&reason).clone();
@@ -1065,6 +1088,8 @@ impl Executor {
     async fn pump(self: Arc<Self>, id: String, mut events: mpsc::Receiver<Event>) {
         const BATCH: usize = 256;
         let mut batch = Vec::with_capacity(BATCH);
+        // The live status the row has: running since the start was written.
+        let mut stored_live = (Status::Running, String::new());
         while events.recv_many(&mut batch, BATCH).await > 0 {
             let mut live = None;
             let mut metrics = None;
@@ -1084,7 +1109,10 @@ impl Executor {
                 let nodes = serde_json::to_string(&nodes).unwrap_or_default();
                 stored = self.writer.write(Write::Nodes { id: id.clone(), nodes }).await;
             }
-            if let Some((status, paused_at)) = live {
+            if let Some((status, paused_at)) = live
+                && (status, paused_at) != (stored_live.0, stored_live.1.as_str())
+            {
+                stored_live = (status, paused_at.to_owned());
                 let write = Write::Live { id: id.clone(), status, paused_at: paused_at.to_owned() };
                 stored = stored.and(self.writer.write(write).await);
             }
@@ -1160,6 +1188,21 @@ fn response(id: &str, event: &csp_bus::Event) -> pb::WatchExecutionResponse {
     decoded.event_id = event.id.to_string();
     decoded.execution_id = id.to_owned();
     pb::WatchExecutionResponse { event: Some(decoded) }
+}
+
+/// An execution event as it goes on the bus, with the current trace context.
+fn new_event(kind: Event) -> NewEvent {
+    let event = pb::ExecutionEvent {
+        event_id: String::new(),
+        execution_id: String::new(),
+        time: Some(timestamp(Utc::now())),
+        kind: Some(kind),
+    };
+    NewEvent::new(event.encode_to_vec()).with_trace_context()
+}
+
+fn status_changed(status: Status, error: Option<pb::ExecutionError>) -> Event {
+    Event::StatusChanged(pb::StatusChanged { status: status.to_pb() as i32, error })
 }
 
 fn current_traceparent() -> String {

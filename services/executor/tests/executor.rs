@@ -726,7 +726,55 @@ async fn permissions_and_bad_requests(env: TestEnv) {
     );
 }
 
+/// One execution is one trace: every event on its stream, from QUEUED to the end, carries the
+/// trace of the call that started it, so a trace viewer shows the run under that call.
+async fn every_event_carries_the_trace_of_the_start(env: TestEnv) {
+    static TELEMETRY: std::sync::Once = std::sync::Once::new();
+    TELEMETRY.call_once(|| {
+        let mut settings = csp_platform::Settings::default();
+        settings.log.level = "error".into();
+        if let Ok(guard) = csp_platform::telemetry::init(&settings, "executor-test") {
+            std::mem::forget(guard);
+        }
+    });
+    let h = start(&env).await;
+    let alice = h.designer("alice");
+    let design = h
+        .design(
+            &alice,
+            vec![
+                node("in", "source.input", json!({})),
+                node("mark", "transform.set", json!({ "operations": [{ "path": "seen", "value": true }] })),
+                node("out", "sink.output", json!({})),
+                link("c1", "in", "out", "mark", "in"),
+                link("c2", "mark", "out", "out", "in"),
+            ],
+        )
+        .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = authed(
+        pb::StartExecutionRequest {
+            design_id: design,
+            inputs: inputs("in", vec![json!({ "n": 1 })]),
+            ..Default::default()
+        },
+        &alice,
+    );
+    request.metadata_mut().insert("traceparent", format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap());
+    let started = h.executor.clone().start_execution(request).await.unwrap().into_inner().execution.unwrap();
+    let watched = h.watch(&alice, &started.id, "").await;
+    assert_eq!(watched.iter().filter_map(status_of).next_back(), Some(pb::ExecutionStatus::Succeeded));
+
+    let stored = env.bus().read(&csp_executor::stream(&started.id), None, 1000).await.unwrap();
+    assert_eq!(stored.len(), watched.len());
+    for (event, seen) in stored.iter().zip(&watched) {
+        let parent = event.headers.get("traceparent").map(String::as_str).unwrap_or_default();
+        assert!(parent.starts_with(&format!("00-{trace}-")), "{:?} carries `{parent}`", seen.kind);
+    }
+}
+
 csp_testkit::backend_tests!(
+    every_event_carries_the_trace_of_the_start,
     a_watch_from_trimmed_events_is_told,
     an_execution_runs_streams_and_returns_its_outputs,
     a_watch_resumes_where_it_left_off,
