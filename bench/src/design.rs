@@ -36,7 +36,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
     })
 }
 
-/// Starts auth, design and the gateway; returns the gateway's address and a stop switch.
+/// Starts auth, registry (the design service checks connections against it), design and the
+/// gateway; returns the gateway's address and a stop switch.
 async fn start(
     env: &TestEnv,
     settings: &mut Settings,
@@ -53,6 +54,10 @@ async fn start(
     let auth = csp_auth::Application::with_listener(settings, env.bus(), listener).await?;
     settings.services.auth.address = format!("http://{}", auth.local_addr());
     tokio::spawn(auth.run_until_stopped(stopper()));
+    let listener = bind("registry", "127.0.0.1:0".parse()?).await?;
+    let registry = csp_registry::Application::with_listener(settings, env.bus(), listener).await?;
+    settings.services.registry.address = format!("http://{}", registry.local_addr());
+    tokio::spawn(registry.run_until_stopped(stopper()));
     let listener = bind("design", "127.0.0.1:0".parse()?).await?;
     let design = csp_design::Application::with_listener(settings, env.bus(), listener).await?;
     settings.services.design.address = format!("http://{}", design.local_addr());
