@@ -6,8 +6,9 @@
 //! Connections: a small pool serves ordinary commands. Blocking reads never use it: consumer
 //! group reads borrow a dedicated connection from a free list, and the tails of this process
 //! share a few *hub* connections — each stream always to the same one — each running `XREAD
-//! BLOCK` over its tailed streams at once and fanning entries out. (A new tail interrupts its
-//! hub's read to join it; several hubs keep one busy hub from delaying every stream.) A tail that falls behind the hub is dropped from it and catches up from the
+//! BLOCK` over its tailed streams at once and fanning entries out. (A new tail joins its hub's
+//! next read, interrupting the read under way only if none comes within `HUB_GRACE`; several
+//! hubs keep one busy hub from delaying every stream.) A tail that falls behind the hub is dropped from it and catches up from the
 //! stream itself (`XRANGE`), so a slow reader never loses events and never stalls the others.
 
 use std::{
@@ -46,6 +47,10 @@ const BATCH: u64 = 256;
 /// Longest a hub read blocks; bounds how late a newly tailed stream joins when the wake-up
 /// races the read.
 const HUB_BLOCK: Duration = Duration::from_millis(1000);
+/// How long a new tail waits for its hub's next read to include it before interrupting the
+/// read under way. Under load a hub reads again within a millisecond or two anyway, so most new
+/// tails cost no interruption; when idle, a tail's first live event is late by this at most.
+const HUB_GRACE: Duration = Duration::from_millis(2);
 /// Hub connections per process.
 const HUBS: usize = 4;
 /// Events buffered per tail before the hub drops it to catch up on its own.
@@ -219,6 +224,7 @@ impl RedisBus {
                         wake: Notify::new(),
                         added: AtomicU64::new(0),
                         covered: AtomicU64::new(0),
+                        reading: Notify::new(),
                     });
                     tokio::spawn(hub.clone().run());
                     hub
@@ -703,6 +709,8 @@ struct Hub {
     added: AtomicU64,
     /// How many of those the read under way (or about to be sent) covers.
     covered: AtomicU64,
+    /// Notified each time a read is about to be sent.
+    reading: Notify,
 }
 
 struct Subscribers {
@@ -728,6 +736,14 @@ impl Hub {
         };
         if let Some(added) = added {
             self.wake.notify_one();
+            let covered = || self.covered.load(Ordering::SeqCst) >= added;
+            let grace = tokio::time::Instant::now() + HUB_GRACE;
+            while !covered() {
+                let next_read = self.reading.notified();
+                if covered() || tokio::time::timeout_at(grace, next_read).await.is_err() {
+                    break;
+                }
+            }
             // Interrupt the read under way until one that includes this key replaces it: an
             // interruption that lands between two reads does nothing, and the next read may
             // have been put together before the key was added.
@@ -771,6 +787,7 @@ impl Hub {
                 continue;
             }
             self.covered.store(added, Ordering::SeqCst);
+            self.reading.notify_waiters();
             let options = fred::types::config::Options {
                 timeout: Some(HUB_BLOCK + Duration::from_secs(10)),
                 ..Default::default()
