@@ -8,8 +8,9 @@
 //! share a few *hub* connections — each stream always to the same one — each running `XREAD
 //! BLOCK` over its tailed streams at once and fanning entries out. (A new tail joins its hub's
 //! next read, interrupting the read under way only if none comes within `HUB_GRACE`; several
-//! hubs keep one busy hub from delaying every stream.) A tail that falls behind the hub is dropped from it and catches up from the
-//! stream itself (`XRANGE`), so a slow reader never loses events and never stalls the others.
+//! hubs keep one busy hub from delaying every stream.) A tail that falls behind the hub is
+//! dropped from it and catches up from the stream itself (`XRANGE`), so a slow reader never
+//! loses events and never stalls the others.
 
 use std::{
     collections::{BTreeMap, HashMap},
