@@ -239,8 +239,8 @@ pub trait EventBus: Counters {
     async fn append(&self, stream: &str, event: NewEvent, cap: Option<u64>) -> Result<EventId>;
 
     /// Appends events in order, in one round trip where the backend allows; with `cap`, trims
-    /// the stream to at most `cap` events afterwards. Either all are appended or none (on Redis
-    /// the batch runs as one script).
+    /// the stream to at most `cap` events afterwards. On Redis the batch runs as one script: no
+    /// other command runs in between.
     async fn append_all(
         &self,
         stream: &str,
@@ -256,8 +256,9 @@ pub trait EventBus: Counters {
 
     /// Appends to several streams in one round trip where the backend allows: each
     /// [`Append`] lands (and is trimmed to its cap) before the next, so a reader of the later
-    /// streams that looks at the earlier ones finds them written. Either all are appended or
-    /// none (on Redis they run as one script). Returns the ids per `Append`.
+    /// streams that looks at the earlier ones finds them written. On Redis they run as one
+    /// script: no other command runs between them, but an append that fails (a key of another
+    /// type) leaves those before it in place. Returns the ids per `Append`.
     async fn append_many(&self, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
         let mut ids = Vec::with_capacity(appends.len());
         for append in appends {

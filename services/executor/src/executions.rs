@@ -469,8 +469,12 @@ impl Executor {
                 error: Some(serde_json::to_string(&failure).unwrap_or_default()),
                 nodes: row.nodes.clone(),
             };
-            if let Err(stored) = self.writer.write(write).await {
-                tracing::warn!(execution_id = %id, error = %stored, "cannot record an execution that could not be queued");
+            match self.writer.write(write).await {
+                // Its stream may hold the QUEUED event (a script is not undone halfway): end it.
+                Ok(_) => self.status_event(&id, Status::Failed, Some(failure.to_pb())).await,
+                Err(stored) => {
+                    tracing::warn!(execution_id = %id, error = %stored, "cannot record an execution that could not be queued");
+                }
             }
             lock(&self.queued_here).remove(&id);
             lock(&self.credentials).remove(&id);
@@ -934,6 +938,11 @@ impl Executor {
                     drop(permits);
                     tracing::warn!(error = %e, "cannot read the job queue");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    if matches!(e, csp_bus::BusError::NoGroup { .. })
+                        && let Err(e) = self.bus.create_group(JOBS, GROUP, GroupStart::Beginning).await
+                    {
+                        tracing::warn!(error = %e, "cannot create the job queue's consumer group");
+                    }
                 }
             }
         }

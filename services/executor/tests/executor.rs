@@ -773,7 +773,76 @@ async fn every_event_carries_the_trace_of_the_start(env: TestEnv) {
     }
 }
 
+fn small_design() -> Vec<dpb::Op> {
+    vec![
+        node("in", "source.input", json!({})),
+        node("out", "sink.output", json!({})),
+        link("c1", "in", "out", "out", "in"),
+    ]
+}
+
+/// The job queue wiped out from under running replicas (a flushed Redis, say): they make its
+/// consumer group again, and executions started afterwards run.
+async fn a_lost_job_queue_is_made_again(env: TestEnv) {
+    let h = start(&env).await;
+    let alice = h.designer("alice");
+    let design = h.design(&alice, small_design()).await;
+    env.bus().delete("executor:jobs").await.unwrap();
+    let request = pb::StartExecutionRequest {
+        design_id: design,
+        inputs: inputs("in", vec![json!(1)]),
+        ..Default::default()
+    };
+    let started = h.run(&alice, request).await.unwrap();
+    let events = h.watch(&alice, &started.id, "").await;
+    assert_eq!(events.iter().filter_map(status_of).next_back(), Some(pb::ExecutionStatus::Succeeded));
+    assert_eq!(outputs(&h.get(&alice, &started.id).await, "out"), [json!(1)]);
+}
+
+/// A start whose job the bus refuses is answered UNAVAILABLE, and the execution it stored ends
+/// FAILED — in the database and on its stream — instead of waiting forever for a replica.
+/// (Redis only: the in-memory bus cannot refuse an append.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_bus_refuses_ends_failed() {
+    csp_testkit::run(csp_testkit::Backend::External, |env: TestEnv| async move {
+        let h = start(&env).await;
+        let alice = h.designer("alice");
+        let design = h.design(&alice, small_design()).await;
+        // The job queue's key turned into a plain value: every append to it fails.
+        env.bus().delete("executor:jobs").await.unwrap();
+        env.bus().set("executor:jobs", 1, Duration::from_secs(60)).await.unwrap();
+        let request = pb::StartExecutionRequest {
+            design_id: design.clone(),
+            inputs: inputs("in", vec![json!(1)]),
+            ..Default::default()
+        };
+        let status = h.run(&alice, request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+        let listed = h
+            .executor
+            .clone()
+            .list_executions(authed(
+                pb::ListExecutionsRequest { design_id: design, ..Default::default() },
+                &alice,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .executions;
+        assert_eq!(listed.len(), 1);
+        let stored = h.get(&alice, &listed[0].id).await;
+        assert_eq!(stored.status, pb::ExecutionStatus::Failed as i32);
+        assert_eq!(stored.error.as_ref().unwrap().code, "unavailable");
+        let events = h.watch(&alice, &stored.id, "").await;
+        assert_eq!(events.iter().filter_map(status_of).next_back(), Some(pb::ExecutionStatus::Failed));
+        env.bus().reset("executor:jobs").await.unwrap();
+    })
+    .await;
+}
+
 csp_testkit::backend_tests!(
+    a_lost_job_queue_is_made_again,
     every_event_carries_the_trace_of_the_start,
     a_watch_from_trimmed_events_is_told,
     an_execution_runs_streams_and_returns_its_outputs,
