@@ -203,22 +203,22 @@ fn inputs(node: &str, values: Vec<Value>) -> std::collections::HashMap<String, p
         .into()
 }
 
+/// input → set `seen` → output.
+fn marking_design() -> Vec<dpb::Op> {
+    vec![
+        node("in", "source.input", json!({})),
+        node("mark", "transform.set", json!({ "operations": [{ "path": "seen", "value": true }] })),
+        node("out", "sink.output", json!({})),
+        link("c1", "in", "out", "mark", "in"),
+        link("c2", "mark", "out", "out", "in"),
+    ]
+}
+
 /// Starts an execution, streams it to the end, and reads its result.
 async fn an_execution_runs_streams_and_returns_its_outputs(env: TestEnv) {
     let h = start(&env).await;
     let alice = h.designer("alice");
-    let design = h
-        .design(
-            &alice,
-            vec![
-                node("in", "source.input", json!({})),
-                node("mark", "transform.set", json!({ "operations": [{ "path": "seen", "value": true }] })),
-                node("out", "sink.output", json!({})),
-                link("c1", "in", "out", "mark", "in"),
-                link("c2", "mark", "out", "out", "in"),
-            ],
-        )
-        .await;
+    let design = h.design(&alice, marking_design()).await;
     let request = pb::StartExecutionRequest {
         design_id: design.clone(),
         inputs: inputs("in", vec![json!({ "n": 1 }), json!({ "n": 2 })]),
@@ -739,18 +739,7 @@ async fn every_event_carries_the_trace_of_the_start(env: TestEnv) {
     });
     let h = start(&env).await;
     let alice = h.designer("alice");
-    let design = h
-        .design(
-            &alice,
-            vec![
-                node("in", "source.input", json!({})),
-                node("mark", "transform.set", json!({ "operations": [{ "path": "seen", "value": true }] })),
-                node("out", "sink.output", json!({})),
-                link("c1", "in", "out", "mark", "in"),
-                link("c2", "mark", "out", "out", "in"),
-            ],
-        )
-        .await;
+    let design = h.design(&alice, marking_design()).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = authed(
         pb::StartExecutionRequest {
