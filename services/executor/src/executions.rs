@@ -455,26 +455,16 @@ impl Executor {
         );
         let job = Append::new(JOBS, vec![NewEvent::new(id.clone()).with_trace_context()], None);
         if let Err(e) = self.bus.append_many(vec![queued, job]).await {
-            // Nobody would ever take it: it ends here rather than stay queued forever.
-            let failure = StoredFailure {
+            // Nobody would ever take it: it ends here rather than stay queued forever (on its
+            // stream too, which may hold the QUEUED event: a script is not undone halfway).
+            let failure = pb::ExecutionError {
                 code: "unavailable".into(),
                 message: "the execution could not be queued: the event bus is unavailable".into(),
                 ..Default::default()
             };
-            let write = Write::Finish {
-                id: id.clone(),
-                status: Status::Failed,
-                at: now(),
-                outputs: "{}".into(),
-                error: Some(serde_json::to_string(&failure).unwrap_or_default()),
-                nodes: row.nodes.clone(),
-            };
-            match self.writer.write(write).await {
-                // Its stream may hold the QUEUED event (a script is not undone halfway): end it.
-                Ok(_) => self.status_event(&id, Status::Failed, Some(failure.to_pb())).await,
-                Err(stored) => {
-                    tracing::warn!(execution_id = %id, error = %stored, "cannot record an execution that could not be queued");
-                }
+            if let Err(stored) = self.finish_with(&id, Status::Failed, "{}", Some(failure), &row.nodes).await
+            {
+                tracing::warn!(execution_id = %id, error = %stored, "cannot record an execution that could not be queued");
             }
             lock(&self.queued_here).remove(&id);
             lock(&self.credentials).remove(&id);
