@@ -91,15 +91,25 @@ async fn channel(addr: SocketAddr) -> Channel {
 }
 
 async fn status(addr: SocketAddr, service: &str) -> ServingStatus {
-    let mut client = HealthClient::new(channel(addr).await);
+    status_on(channel(addr).await, service).await
+}
+
+async fn status_on(channel: Channel, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel);
     let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap();
     ServingStatus::try_from(response.into_inner().status).unwrap()
 }
 
+/// Waits for `service` to report `want`, asking over one connection (a new connection per
+/// check could outlast a short shutdown delay on a busy machine).
 async fn eventually(addr: SocketAddr, service: &str, want: ServingStatus) {
+    eventually_on(channel(addr).await, service, want).await;
+}
+
+async fn eventually_on(channel: Channel, service: &str, want: ServingStatus) {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
-        if status(addr, service).await == want {
+        if status_on(channel.clone(), service).await == want {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -127,13 +137,18 @@ async fn health_follows_the_dependencies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_reports_not_serving_then_lets_calls_finish() {
     let up = Arc::new(AtomicBool::new(true));
-    let (addr, stop, task) = start(&settings(), up).await;
+    let mut settings = settings();
+    // Long enough that a loaded machine still sees the delay before the listener closes.
+    settings.server.shutdown_delay = Duration::from_secs(1);
+    let (addr, stop, task) = start(&settings, up).await;
     eventually(addr, "csp.auth.v1.AuthService", ServingStatus::Serving).await;
+    // Connected before the shutdown: a new connection may be refused once the delay is over.
+    let health = channel(addr).await;
 
     let mut client = AuthServiceClient::new(channel(addr).await);
     let in_flight = tokio::spawn(async move {
         let mut request = Request::new(MeRequest {});
-        request.metadata_mut().insert("x-sleep-ms", "700".parse().unwrap());
+        request.metadata_mut().insert("x-sleep-ms", "1400".parse().unwrap());
         client.me(request).await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -141,13 +156,13 @@ async fn shutdown_reports_not_serving_then_lets_calls_finish() {
     stop.send(()).unwrap();
 
     // During the shutdown delay the server still answers, and says it is going away.
-    eventually(addr, "csp.auth.v1.AuthService", ServingStatus::NotServing).await;
-    assert!(stopping.elapsed() < Duration::from_millis(300));
+    eventually_on(health, "csp.auth.v1.AuthService", ServingStatus::NotServing).await;
+    assert!(stopping.elapsed() < Duration::from_secs(1));
 
     let answer = in_flight.await.unwrap();
     assert_eq!(answer.unwrap().into_inner().user.unwrap().id, "u", "the in-flight call finished");
     task.await.unwrap();
-    assert!(stopping.elapsed() >= Duration::from_millis(300), "the delay was honoured");
+    assert!(stopping.elapsed() >= Duration::from_secs(1), "the delay was honoured");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
 }
 
