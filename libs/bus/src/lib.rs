@@ -21,7 +21,9 @@
 //!   consumer that died) to another consumer, counting deliveries.
 //!
 //! The same backends hold [`Counters`]: integers with a time to live, for lockouts and rate
-//! limits (Redis `INCR` + `PEXPIRE` in one script; a map in memory).
+//! limits (Redis `INCR` + `PEXPIRE` in one script; a map in memory), and [`roster`]s: a stream
+//! with a table of leased members changed together with it (who is in a collaboration
+//! session), and relay marks for copying another stream's events in exactly once.
 
 use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc, time::Duration};
 
@@ -32,9 +34,11 @@ use futures::stream::BoxStream;
 mod memory;
 mod redis;
 pub mod revocations;
+pub mod roster;
 
 pub use memory::MemoryBus;
 pub use redis::RedisBus;
+pub use roster::Rosters;
 
 /// The position of an event in its stream: `<milliseconds>-<sequence>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -231,7 +235,7 @@ pub trait Counters: Send + Sync + 'static {
 /// A capped, resumable event log with consumer groups, and shared [`Counters`]. See the crate
 /// docs for the semantics.
 #[async_trait]
-pub trait EventBus: Counters {
+pub trait EventBus: Counters + Rosters {
     /// `redis` or `memory`.
     fn backend(&self) -> &'static str;
 

@@ -1,5 +1,7 @@
 //! The in-process bus of the embedded default: the semantics of Redis streams, in memory.
 
+mod roster;
+
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
@@ -7,6 +9,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::watch;
 
@@ -23,6 +26,9 @@ const TAIL_BATCH: usize = 256;
 pub struct MemoryBus {
     streams: Arc<Mutex<HashMap<String, StreamState>>>,
     counters: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    /// Lease index per roster kind: `(roster, member)` → expiry (ms since the epoch). Locked
+    /// after `streams` when both are needed.
+    leases: Arc<Mutex<HashMap<String, HashMap<(String, String), u64>>>>,
 }
 
 impl std::fmt::Debug for MemoryBus {
@@ -39,6 +45,10 @@ struct StreamState {
     groups: HashMap<String, GroupState>,
     /// Publishes the last id, waking tails and blocked group readers.
     notify: watch::Sender<EventId>,
+    /// The roster table of the stream's name (see [`crate::roster`]).
+    members: HashMap<String, Bytes>,
+    /// The roster's relay marks.
+    marks: BTreeMap<String, crate::roster::Mark>,
 }
 
 impl StreamState {
@@ -49,6 +59,8 @@ impl StreamState {
             max_deleted: EventId::ZERO,
             groups: HashMap::new(),
             notify: watch::channel(EventId::ZERO).0,
+            members: HashMap::new(),
+            marks: BTreeMap::new(),
         }
     }
 

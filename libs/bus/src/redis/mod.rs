@@ -12,6 +12,8 @@
 //! dropped from it and catches up from the stream itself (`XRANGE`), so a slow reader never
 //! loses events and never stalls the others.
 
+mod roster;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
