@@ -28,7 +28,7 @@ pub struct MemoryBus {
     counters: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
     /// Lease index per roster kind: `(roster, member)` → expiry (ms since the epoch). Locked
     /// after `streams` when both are needed.
-    leases: Arc<Mutex<HashMap<String, HashMap<(String, String), u64>>>>,
+    leases: Arc<Mutex<roster::Leases>>,
 }
 
 impl std::fmt::Debug for MemoryBus {

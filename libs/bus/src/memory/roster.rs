@@ -18,7 +18,8 @@ use crate::{
     },
 };
 
-type Leases = HashMap<String, HashMap<(String, String), u64>>;
+/// Per roster kind: `(roster, member)` → expiry (ms since the epoch).
+pub(super) type Leases = HashMap<String, HashMap<(String, String), u64>>;
 
 impl MemoryBus {
     fn leases(&self) -> MutexGuard<'_, Leases> {
