@@ -697,6 +697,8 @@ pub struct DesignSettings {
     /// A full copy of the design is kept every this many revisions, so reading an old
     /// revision replays at most this many edits.
     pub snapshot_every: i64,
+    /// Edits each user can undo per design (and undone edits they can redo).
+    pub undo_depth: usize,
 }
 
 impl Default for DesignSettings {
@@ -708,6 +710,7 @@ impl Default for DesignSettings {
             max_name_chars: 200,
             max_import_bytes: 4 * 1024 * 1024,
             snapshot_every: 20,
+            undo_depth: 100,
         }
     }
 }
@@ -929,6 +932,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "executor.lease",
                 message: "must be at least 1s".into(),
+            });
+        }
+        if design.undo_depth < 1 {
+            return Err(ConfigError::Invalid {
+                key: "design.undo_depth",
+                message: "must be at least 1".into(),
             });
         }
         if design.snapshot_every < 1 {

@@ -27,6 +27,7 @@ use crate::{
     error::Error,
     model::{self, Document, Meta, Op, Rules},
     repo::{self, Filter},
+    undo::Step,
     validate::{Credentials, Pairing, PortPair, RegistryClient, mismatch},
 };
 
@@ -109,11 +110,12 @@ pub(crate) struct Summary {
 }
 
 /// A commit in progress: the transaction holds the design's row lock.
-struct Pending {
-    txn: DatabaseTransaction,
+pub(crate) struct Pending {
+    pub(crate) txn: DatabaseTransaction,
     row: design::Model,
     access: Access,
-    before: Document,
+    /// The design as the commit finds it, under the lock.
+    pub(crate) before: Document,
     revision: i64,
     now: DateTime<Utc>,
 }
@@ -433,8 +435,30 @@ impl Designs {
         Ok(Pending { txn, row, access, before, revision: expected + 1, now })
     }
 
+    /// Starts a commit on `expected`, or, when it is 0, on whatever revision is current (a
+    /// commit racing with it is retried a few times).
+    pub(crate) async fn begin_at(
+        &self,
+        p: &Principal,
+        id: &str,
+        expected: i64,
+        need: Access,
+    ) -> Result<Pending, Error> {
+        if expected != 0 {
+            return self.begin(p, id, expected, need).await;
+        }
+        for _ in 0..5 {
+            let (row, _) = self.open(&self.db, p, id, "design_id", need).await?;
+            match self.begin(p, id, row.revision, need).await {
+                Err(Error::Stale { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(Error::Unavailable("the design is changing too fast to apply this; retry".into()))
+    }
+
     /// Records the change, commits, and publishes it.
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         p: &Principal,
         pending: Pending,
@@ -473,6 +497,22 @@ impl Designs {
         let pending = self.begin(p, id, expected, Access::Editor).await?;
         let mut after = pending.before.clone();
         let ops = edit(&mut after, &self.rules())?;
+        // The edit goes on its author's undo history, in the same transaction.
+        let step = Step::of(&pending.before, &after, &ops);
+        if !step.is_empty() {
+            let step =
+                serde_json::to_string(&step).map_err(|e| Error::Internal(format!("undo step: {e}")))?;
+            repo::push_step(
+                &pending.txn,
+                id,
+                &p.user_id,
+                pending.revision,
+                step,
+                self.limits.undo_depth,
+                pending.now,
+            )
+            .await?;
+        }
         let summary = match what {
             Some(what) if ops.is_empty() => format!("{what}: no changes"),
             Some(what) => format!("{what}: {}", model::summarize(&ops)),
@@ -595,6 +635,28 @@ impl Designs {
         if let Err(e) = self.bus.append(&stream(id), event, Some(EVENTS_KEPT)).await {
             // The change is committed; collaborators notice the gap by revision and re-read.
             tracing::warn!(design_id = %id, revision, error = %e, "could not publish a design change");
+        }
+    }
+
+    /// Tells collaborators that a user's access changed (`None`: withdrawn), on the design's
+    /// stream beside its changes.
+    async fn publish_access(&self, id: &str, user_id: &str, access: Option<Access>) {
+        let access = match access {
+            None => pb::Access::Unspecified,
+            Some(Access::Viewer) => pb::Access::Viewer,
+            Some(Access::Editor) => pb::Access::Editor,
+            Some(Access::Owner) => pb::Access::Owner,
+        };
+        let change = pb::DesignAccessChange {
+            design_id: id.to_owned(),
+            user_id: user_id.to_owned(),
+            access: access as i32,
+            time: Some(convert::timestamp(now())),
+        };
+        let event =
+            NewEvent::new(change.encode_to_vec()).header("type", "design.access").with_trace_context();
+        if let Err(e) = self.bus.append(&stream(id), event, Some(EVENTS_KEPT)).await {
+            tracing::warn!(design_id = %id, error = %e, "could not publish an access change");
         }
     }
 
@@ -764,6 +826,8 @@ impl Designs {
         let after = pending.before.clone();
         let summary = format!("transferred ownership from {previous} to {new_owner}");
         let mut committed = self.finish(p, pending, after, Vec::new(), summary, false).await?;
+        self.publish_access(id, new_owner, Some(Access::Owner)).await;
+        self.publish_access(id, &previous, Some(Access::Editor)).await;
         committed.design.owner_id = new_owner.to_owned();
         if p.user_id == previous && !p.is_admin() {
             committed.design.access = Access::Editor;
@@ -785,6 +849,7 @@ impl Designs {
             return Err(Error::field("user_id", "owns the design"));
         }
         let share = repo::upsert_share(&self.db, id, user_id, access.as_str(), now()).await?;
+        self.publish_access(id, user_id, Some(access)).await;
         Ok((share.user_id, access, share.created_at))
     }
 
@@ -796,6 +861,7 @@ impl Designs {
         if repo::delete_share(&self.db, id, user_id).await? == 0 {
             return Err(Error::NotFound(format!("design `{id}` is not shared with `{user_id}`")));
         }
+        self.publish_access(id, user_id, None).await;
         Ok(())
     }
 
@@ -816,7 +882,11 @@ impl Designs {
 }
 
 /// Applies ops in order, collecting every violation; all or nothing.
-fn apply_all(document: &mut Document, rules: &Rules<'_>, ops: Vec<(String, Op)>) -> Result<Vec<Op>, Error> {
+pub(crate) fn apply_all(
+    document: &mut Document,
+    rules: &Rules<'_>,
+    ops: Vec<(String, Op)>,
+) -> Result<Vec<Op>, Error> {
     let mut committed = Vec::with_capacity(ops.len());
     let mut violations = Vec::new();
     let mut seen = HashSet::new();

@@ -36,6 +36,16 @@ pub enum Error {
         /// Stable machine-readable reason.
         reason: &'static str,
     },
+    /// Others' edits stand in the way (undo, redo): nothing was changed.
+    #[error("{message}")]
+    Conflict {
+        /// Summary, naming the elements.
+        message: String,
+        /// Stable machine-readable reason.
+        reason: &'static str,
+        /// The conflicting elements, e.g. "node `a`".
+        elements: Vec<String>,
+    },
     /// A service this one needs did not answer.
     #[error("{0}")]
     Unavailable(String),
@@ -69,6 +79,11 @@ impl From<Error> for Status {
                 message: e.to_string(),
                 reason: "STALE_REVISION",
                 metadata: vec![("current_revision".into(), current.to_string())],
+            },
+            Error::Conflict { message, reason, elements } => ApiError::FailedPrecondition {
+                message,
+                reason,
+                metadata: vec![("elements".into(), elements.join(", "))],
             },
             Error::Unavailable(m) => ApiError::Unavailable(m),
             Error::Precondition { message, reason } => {

@@ -25,6 +25,7 @@ use crate::{
     error::Error,
     model::{self, Change, Op},
     repo::Filter,
+    undo::Direction,
     validate::{Credentials, Severity},
 };
 
@@ -602,5 +603,31 @@ impl DesignService for DesignApi {
         let r = request.into_inner();
         let design = self.designs.instantiate(&p, &r.template_id, &r.name).await?;
         Ok(Response::new(pb::CreateFromTemplateResponse { design: Some(design_to_pb(&design)) }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn undo(&self, request: Request<pb::UndoRequest>) -> Result<Response<pb::UndoResponse>, Status> {
+        let p = require(&request, Permission::DesignWrite)?;
+        let r = request.into_inner();
+        let (committed, undone) =
+            self.designs.step(&p, &r.design_id, r.expected_revision, Direction::Undo).await?;
+        Ok(Response::new(pb::UndoResponse {
+            revision: committed.design.revision,
+            ops: committed.ops.iter().map(op_to_pb).collect(),
+            undone_revision: undone,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn redo(&self, request: Request<pb::RedoRequest>) -> Result<Response<pb::RedoResponse>, Status> {
+        let p = require(&request, Permission::DesignWrite)?;
+        let r = request.into_inner();
+        let (committed, redone) =
+            self.designs.step(&p, &r.design_id, r.expected_revision, Direction::Redo).await?;
+        Ok(Response::new(pb::RedoResponse {
+            revision: committed.design.revision,
+            ops: committed.ops.iter().map(op_to_pb).collect(),
+            redone_revision: redone,
+        }))
     }
 }

@@ -12,7 +12,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use crate::{
-    entity::{connection, design, node, revision, share, snapshot},
+    entity::{connection, design, node, revision, share, snapshot, undo_step},
     model::{Connection, Document, Meta, Node, Op, PortAddress, Position, Size},
 };
 
@@ -494,4 +494,115 @@ pub(crate) async fn shares_of(
         .all(db)
         .await?;
     Ok(rows.into_iter().map(|s| (s.design_id, s.access)).collect())
+}
+
+// --- undo history ---
+
+/// The step on top of a user's undo or redo stack for a design.
+pub(crate) async fn top_step(
+    db: &impl ConnectionTrait,
+    design_id: &str,
+    user_id: &str,
+    stack: &str,
+) -> Result<Option<undo_step::Model>, DbErr> {
+    undo_step::Entity::find()
+        .filter(undo_step::Column::DesignId.eq(design_id))
+        .filter(undo_step::Column::UserId.eq(user_id))
+        .filter(undo_step::Column::Stack.eq(stack))
+        .order_by_desc(undo_step::Column::Id)
+        .one(db)
+        .await
+}
+
+pub(crate) async fn delete_step(db: &impl ConnectionTrait, id: i64) -> Result<(), DbErr> {
+    undo_step::Entity::delete_by_id(id).exec(db).await?;
+    Ok(())
+}
+
+async fn insert_step(
+    db: &impl ConnectionTrait,
+    design_id: &str,
+    user_id: &str,
+    stack: &str,
+    revision: i64,
+    step: String,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    undo_step::ActiveModel {
+        design_id: Set(design_id.to_owned()),
+        user_id: Set(user_id.to_owned()),
+        stack: Set(stack.to_owned()),
+        revision: Set(revision),
+        step: Set(step),
+        created_at: Set(now),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+/// Keeps the newest `depth` steps of a stack.
+async fn trim_steps(
+    db: &impl ConnectionTrait,
+    design_id: &str,
+    user_id: &str,
+    stack: &str,
+    depth: usize,
+) -> Result<(), DbErr> {
+    let kept: Vec<i64> = undo_step::Entity::find()
+        .select_only()
+        .column(undo_step::Column::Id)
+        .filter(undo_step::Column::DesignId.eq(design_id))
+        .filter(undo_step::Column::UserId.eq(user_id))
+        .filter(undo_step::Column::Stack.eq(stack))
+        .order_by_desc(undo_step::Column::Id)
+        .offset(depth as u64)
+        .limit(1)
+        .into_tuple()
+        .all(db)
+        .await?;
+    if let Some(oldest_dropped) = kept.first() {
+        undo_step::Entity::delete_many()
+            .filter(undo_step::Column::DesignId.eq(design_id))
+            .filter(undo_step::Column::UserId.eq(user_id))
+            .filter(undo_step::Column::Stack.eq(stack))
+            .filter(undo_step::Column::Id.lte(*oldest_dropped))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records a user's new edit: on top of their undo stack (at most `depth` deep), and their
+/// redo stack emptied.
+pub(crate) async fn push_step(
+    db: &impl ConnectionTrait,
+    design_id: &str,
+    user_id: &str,
+    revision: i64,
+    step: String,
+    depth: usize,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    undo_step::Entity::delete_many()
+        .filter(undo_step::Column::DesignId.eq(design_id))
+        .filter(undo_step::Column::UserId.eq(user_id))
+        .filter(undo_step::Column::Stack.eq("redo"))
+        .exec(db)
+        .await?;
+    insert_step(db, design_id, user_id, "undo", revision, step, now).await?;
+    trim_steps(db, design_id, user_id, "undo", depth).await
+}
+
+/// Moves a step to the top of the other stack (undone → redo, redone → undo).
+pub(crate) async fn move_step(
+    db: &impl ConnectionTrait,
+    row: &undo_step::Model,
+    to: &str,
+    depth: usize,
+) -> Result<(), DbErr> {
+    delete_step(db, row.id).await?;
+    insert_step(db, &row.design_id, &row.user_id, to, row.revision, row.step.clone(), row.created_at).await?;
+    trim_steps(db, &row.design_id, &row.user_id, to, depth).await
 }

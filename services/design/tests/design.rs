@@ -95,10 +95,14 @@ async fn racing_edits_commit_exactly_once(env: TestEnv) {
     assert_eq!(listed, (1..=1 + 2 * ROUNDS).rev().collect::<Vec<_>>());
     let bus = env.bus();
     let stream = csp_design::stream(&design.id);
-    assert_eq!(bus.len(&stream).await.unwrap() as i64, 1 + 2 * ROUNDS);
     let events = bus.read(&stream, None, 1000).await.unwrap();
+    let (changes, access): (Vec<_>, Vec<_>) =
+        events.iter().partition(|e| e.headers["type"] == "design.changed");
     let changes: Vec<pb::DesignChange> =
-        events.iter().map(|e| pb::DesignChange::decode(e.payload.as_ref()).unwrap()).collect();
+        changes.iter().map(|e| pb::DesignChange::decode(e.payload.as_ref()).unwrap()).collect();
+    let shared = pb::DesignAccessChange::decode(access[0].payload.as_ref()).unwrap();
+    assert_eq!((access.len(), shared.user_id.as_str()), (1, "bob"), "the share was published too");
+    assert_eq!(shared.access, pb::Access::Editor as i32);
     assert_eq!(
         changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
         (1..=1 + 2 * ROUNDS).collect::<Vec<_>>()

@@ -6,3 +6,4 @@ pub(crate) mod node;
 pub(crate) mod revision;
 pub(crate) mod share;
 pub(crate) mod snapshot;
+pub(crate) mod undo_step;
