@@ -63,6 +63,52 @@ pub fn stream(execution_id: &str) -> String {
     format!("execution:{execution_id}")
 }
 
+/// The bus stream of the status changes of every execution of a design (for collaborators).
+pub fn design_stream(design_id: &str) -> String {
+    format!("executions-of:{design_id}")
+}
+
+/// Status changes kept per design stream.
+const DESIGN_EVENTS_KEPT: u64 = 1000;
+
+/// Which execution events are about: enough to announce its status changes on its design's
+/// stream too.
+pub(crate) struct Subject {
+    id: String,
+    design_id: String,
+    started_by: String,
+}
+
+impl Subject {
+    fn of(row: &execution::Model) -> Self {
+        Self { id: row.id.clone(), design_id: row.design_id.clone(), started_by: row.started_by.clone() }
+    }
+
+    /// The status changes among `kinds`, as events of the design's stream (empty if none).
+    fn design_events(&self, kinds: &[Event]) -> Option<Append> {
+        let events: Vec<NewEvent> = kinds
+            .iter()
+            .filter_map(|kind| match kind {
+                Event::StatusChanged(s) => Some(s.status),
+                Event::BreakpointHit(_) => Some(pb::ExecutionStatus::Paused as i32),
+                _ => None,
+            })
+            .map(|status| {
+                let change = pb::ExecutionStatusChange {
+                    execution_id: self.id.clone(),
+                    design_id: self.design_id.clone(),
+                    status,
+                    started_by: self.started_by.clone(),
+                    time: Some(timestamp(Utc::now())),
+                };
+                NewEvent::new(change.encode_to_vec()).with_trace_context()
+            })
+            .collect();
+        (!events.is_empty())
+            .then(|| Append::new(design_stream(&self.design_id), events, Some(DESIGN_EVENTS_KEPT)))
+    }
+}
+
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
@@ -212,16 +258,17 @@ impl Executor {
         }))
     }
 
-    /// Appends an event to an execution's stream.
-    async fn event(&self, id: &str, kind: Event) -> Result<(), Error> {
-        self.events(id, [kind]).await
-    }
-
-    /// Publishes events of one execution, in order, in one bus call.
-    async fn events(&self, id: &str, kinds: impl IntoIterator<Item = Event>) -> Result<(), Error> {
-        self.bus
-            .append_all(&stream(id), kinds.into_iter().map(new_event).collect(), Some(self.events_kept()))
-            .await?;
+    /// Publishes events of one execution, in order, in one bus call; its status changes also
+    /// go to its design's stream.
+    async fn events(&self, who: &Subject, kinds: impl IntoIterator<Item = Event>) -> Result<(), Error> {
+        let kinds: Vec<Event> = kinds.into_iter().collect();
+        let by_design = who.design_events(&kinds);
+        let own = Append::new(
+            stream(&who.id),
+            kinds.into_iter().map(new_event).collect(),
+            Some(self.events_kept()),
+        );
+        self.bus.append_many(std::iter::once(own).chain(by_design).collect()).await?;
         Ok(())
     }
 
@@ -229,9 +276,9 @@ impl Executor {
         self.settings.executor.events_kept
     }
 
-    async fn status_event(&self, id: &str, status: Status, error: Option<pb::ExecutionError>) {
-        if let Err(e) = self.event(id, status_changed(status, error)).await {
-            tracing::warn!(execution_id = %id, error = %e, "could not publish a status change");
+    async fn status_event(&self, who: &Subject, status: Status, error: Option<pb::ExecutionError>) {
+        if let Err(e) = self.events(who, [status_changed(status, error)]).await {
+            tracing::warn!(execution_id = %who.id, error = %e, "could not publish a status change");
         }
     }
 
@@ -448,13 +495,12 @@ impl Executor {
         }
         // The QUEUED event and the job in one call, the event first: whoever takes the job
         // finds the execution's stream begun.
-        let queued = Append::new(
-            stream(&id),
-            vec![new_event(status_changed(Status::Queued, None))],
-            Some(self.events_kept()),
-        );
+        let who = Subject::of(&row);
+        let queued_event = status_changed(Status::Queued, None);
+        let by_design = who.design_events(std::slice::from_ref(&queued_event));
+        let queued = Append::new(stream(&id), vec![new_event(queued_event)], Some(self.events_kept()));
         let job = Append::new(JOBS, vec![NewEvent::new(id.clone()).with_trace_context()], None);
-        if let Err(e) = self.bus.append_many(vec![queued, job]).await {
+        if let Err(e) = self.bus.append_many([queued, job].into_iter().chain(by_design).collect()).await {
             // Nobody would ever take it: it ends here rather than stay queued forever (on its
             // stream too, which may hold the QUEUED event: a script is not undone halfway).
             let failure = pb::ExecutionError {
@@ -462,7 +508,7 @@ impl Executor {
                 message: "the execution could not be queued: the event bus is unavailable".into(),
                 ..Default::default()
             };
-            if let Err(stored) = self.finish_with(&id, Status::Failed, "{}", Some(failure), &row.nodes).await
+            if let Err(stored) = self.finish_with(&who, Status::Failed, "{}", Some(failure), &row.nodes).await
             {
                 tracing::warn!(execution_id = %id, error = %stored, "cannot record an execution that could not be queued");
             }
@@ -598,7 +644,7 @@ impl Executor {
                 let write = Write::CancelQueued { id: id.to_owned(), at: now(), error: stored };
                 if self.writer.write(write).await? {
                     metrics::counter!("csp_executor_executions_total", "status" => "cancelled").increment(1);
-                    self.status_event(id, Status::Cancelled, Some(failure.to_pb())).await;
+                    self.status_event(&Subject::of(&row), Status::Cancelled, Some(failure.to_pb())).await;
                 } else {
                     // Taken by a replica meanwhile.
                     self.command(Command {
@@ -1058,7 +1104,7 @@ impl Executor {
                 while let Ok(event) = rx.try_recv() {
                     early.push(event);
                 }
-                if let Err(e) = self.events(&id, early).await {
+                if let Err(e) = self.events(&Subject::of(&row), early).await {
                     tracing::warn!(execution_id = %id, error = %e, "cannot publish execution events");
                 }
                 let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -1067,24 +1113,28 @@ impl Executor {
                     message: format!("the design cannot run: {}", listed.join("; ")),
                     ..Default::default()
                 };
-                return self.finish_with(&id, Status::Failed, "{}", Some(failure), &row.nodes).await;
+                return self
+                    .finish_with(&Subject::of(&row), Status::Failed, "{}", Some(failure), &row.nodes)
+                    .await;
             }
         };
         let reason = Arc::new(Mutex::new(None));
         lock(&self.running)
             .insert(id.clone(), Running { cancel: cancel.clone(), debugger, job, reason: reason.clone() });
         // In the execution's span: every event it publishes carries the execution's trace.
-        let pump = tokio::spawn(tracing::Instrument::in_current_span(self.clone().pump(id.clone(), rx)));
+        let pump =
+            tokio::spawn(tracing::Instrument::in_current_span(self.clone().pump(Subject::of(&row), rx)));
         let outcome = network.run(cancel).await;
         let _ = pump.await;
         let cancelled_because = lock(&reason).clone();
-        self.record(&id, outcome, carried, cancelled_because).await
+        self.record(&Subject::of(&row), outcome, carried, cancelled_because).await
     }
 
     /// Publishes a running execution's events, and keeps its row in step (paused, metrics).
     /// Events that arrive together are published together, in one bus call; the row is
     /// updated first, so a client seeing an event reads a row at least as new.
-    async fn pump(self: Arc<Self>, id: String, mut events: mpsc::Receiver<Event>) {
+    async fn pump(self: Arc<Self>, who: Subject, mut events: mpsc::Receiver<Event>) {
+        let id = who.id.clone();
         const BATCH: usize = 256;
         let mut batch = Vec::with_capacity(BATCH);
         // The live status the row has: running since the start was written.
@@ -1118,7 +1168,7 @@ impl Executor {
             if let Err(e) = stored {
                 tracing::warn!(execution_id = %id, error = %e, "cannot store the execution's state");
             }
-            if let Err(e) = self.events(&id, batch.drain(..)).await {
+            if let Err(e) = self.events(&who, batch.drain(..)).await {
                 tracing::warn!(execution_id = %id, error = %e, "cannot publish execution events");
             }
         }
@@ -1126,7 +1176,7 @@ impl Executor {
 
     async fn record(
         &self,
-        id: &str,
+        who: &Subject,
         outcome: Outcome,
         carried: BTreeMap<String, Vec<Value>>,
         cancelled_because: Option<String>,
@@ -1147,20 +1197,21 @@ impl Executor {
         let nodes: Vec<StoredNode> = outcome.nodes.iter().map(StoredNode::of).collect();
         let nodes = serde_json::to_string(&nodes).unwrap_or_else(|_| "[]".into());
         if !outcome.recorded.is_empty() {
-            repo::save_recordings(&self.db, id, &outcome.recorded).await?;
+            repo::save_recordings(&self.db, &who.id, &outcome.recorded).await?;
         }
-        self.finish_with(id, status, &outputs, error, &nodes).await
+        self.finish_with(who, status, &outputs, error, &nodes).await
     }
 
     async fn finish_with(
         &self,
-        id: &str,
+        who: &Subject,
         status: Status,
         outputs: &str,
         error: Option<pb::ExecutionError>,
         nodes: &str,
     ) -> Result<(), Error> {
         let stored = error.as_ref().map(|e| serde_json::to_string(&StoredFailure::of(e)).unwrap_or_default());
+        let id = who.id.as_str();
         let write = Write::Finish {
             id: id.to_owned(),
             status,
@@ -1171,7 +1222,7 @@ impl Executor {
         };
         self.writer.write(write).await?;
         metrics::counter!("csp_executor_executions_total", "status" => status.as_str()).increment(1);
-        self.status_event(id, status, error).await;
+        self.status_event(who, status, error).await;
         lock(&self.credentials).remove(id);
         Ok(())
     }

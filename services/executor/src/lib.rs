@@ -6,7 +6,8 @@
 //! keeps its tables in the `executor` schema (PostgreSQL) or `<database.data_dir>/executor.db`
 //! (SQLite). Its health (`grpc.health.v1`, `GET /health`) follows its database and the event
 //! bus. Jobs travel on the bus stream `executor:jobs` (consumer group `executors`), commands to
-//! running executions on `executor:control`, events on `execution:<id>`; see README.md.
+//! running executions on `executor:control`, events on `execution:<id>` (status changes also on
+//! `executions-of:<design id>`, for collaborators); see README.md.
 
 use std::{future::Future, net::SocketAddr};
 
@@ -31,7 +32,7 @@ pub mod runtime;
 mod stored;
 mod writer;
 
-pub use executions::stream;
+pub use executions::{design_stream, stream};
 
 /// This service.
 pub const SERVICE: Service = Service::Executor;

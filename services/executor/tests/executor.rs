@@ -257,6 +257,22 @@ async fn an_execution_runs_streams_and_returns_its_outputs(env: TestEnv) {
     let mark = done.nodes.iter().find(|n| n.node_id == "mark").unwrap();
     assert_eq!(mark.metrics.as_ref().unwrap().messages_in, 2);
 
+    // Its status changes are on its design's stream too, for collaborators.
+    let by_design = env.bus().read(&csp_executor::design_stream(&design), None, 100).await.unwrap();
+    let changes: Vec<pb::ExecutionStatusChange> =
+        by_design.iter().map(|e| prost::Message::decode(e.payload.as_ref()).unwrap()).collect();
+    assert!(
+        changes
+            .iter()
+            .all(|c| c.execution_id == queued.id && c.design_id == design && c.started_by == "alice")
+    );
+    let statuses: Vec<i32> = changes.iter().map(|c| c.status).collect();
+    assert_eq!(
+        statuses,
+        [pb::ExecutionStatus::Queued, pb::ExecutionStatus::Running, pb::ExecutionStatus::Succeeded]
+            .map(|s| s as i32)
+    );
+
     // Listed with the design's other executions, newest first.
     let again = h
         .run(&alice, pb::StartExecutionRequest { design_id: design.clone(), ..Default::default() })
