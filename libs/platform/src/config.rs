@@ -98,6 +98,8 @@ pub struct Settings {
     pub design: DesignSettings,
     /// The executor.
     pub executor: ExecutorSettings,
+    /// The collaboration service.
+    pub collab: CollabSettings,
 }
 
 impl Default for Settings {
@@ -118,6 +120,7 @@ impl Default for Settings {
             registry: RegistrySettings::default(),
             design: DesignSettings::default(),
             executor: ExecutorSettings::default(),
+            collab: CollabSettings::default(),
         }
     }
 }
@@ -679,6 +682,64 @@ impl Default for ExecutorSettings {
     }
 }
 
+/// The collaboration service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollabSettings {
+    /// A session without a heartbeat (or presence update) for this long is announced as
+    /// timed out.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// How often clients are told to send a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A session's presence goes out at most once per tick; updates in between are coalesced
+    /// (the latest wins).
+    #[serde(with = "humantime_serde")]
+    pub presence_tick: Duration,
+    /// Events queued per client stream; a client further behind gets its presence coalesced,
+    /// then a fresh snapshot instead of the events it missed.
+    pub send_queue: usize,
+    /// Events kept per design's session log; a client resuming from before them gets a fresh
+    /// snapshot.
+    pub events_kept: u64,
+    /// Sessions per design.
+    pub max_sessions_per_design: usize,
+    /// Selected node and connection ids per presence.
+    pub max_selected: usize,
+    /// How long a design change that arrives before the one it follows waits for it before
+    /// it is sent on with a gap (clients then read the design again).
+    #[serde(with = "humantime_serde")]
+    pub reorder_wait: Duration,
+    /// A design with no client on this replica for this long stops being followed here.
+    #[serde(with = "humantime_serde")]
+    pub room_idle: Duration,
+    /// A design's session log is dropped from Redis after this long without any event.
+    #[serde(with = "humantime_serde")]
+    pub log_ttl: Duration,
+    /// How often each replica looks for sessions whose heartbeats stopped.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for CollabSettings {
+    fn default() -> Self {
+        Self {
+            session_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            presence_tick: Duration::from_millis(40),
+            send_queue: 512,
+            events_kept: 10_000,
+            max_sessions_per_design: 200,
+            max_selected: 1000,
+            reorder_wait: Duration::from_secs(1),
+            room_idle: Duration::from_secs(60),
+            log_ttl: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 /// The design service's limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -933,6 +994,29 @@ impl Settings {
                 key: "executor.lease",
                 message: "must be at least 1s".into(),
             });
+        }
+        let collab = &self.collab;
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if collab.session_timeout < Duration::from_secs(1) {
+            return invalid("collab.session_timeout", "must be at least 1s");
+        }
+        if collab.heartbeat_interval.is_zero() || collab.heartbeat_interval >= collab.session_timeout {
+            return invalid("collab.heartbeat_interval", "must be above 0 and below collab.session_timeout");
+        }
+        if collab.presence_tick < Duration::from_millis(1) || collab.presence_tick > Duration::from_secs(1) {
+            return invalid("collab.presence_tick", "must be 1ms to 1s");
+        }
+        if collab.send_queue < 16 {
+            return invalid("collab.send_queue", "must be at least 16");
+        }
+        if collab.events_kept < 100 {
+            return invalid("collab.events_kept", "must be at least 100");
+        }
+        if collab.max_sessions_per_design == 0 || collab.max_selected == 0 {
+            return invalid("collab", "max_sessions_per_design and max_selected must be at least 1");
+        }
+        if collab.sweep_interval.is_zero() || collab.sweep_interval > collab.session_timeout {
+            return invalid("collab.sweep_interval", "must be above 0 and at most collab.session_timeout");
         }
         if design.undo_depth < 1 {
             return Err(ConfigError::Invalid {
