@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{add_node, at, is_change, is_joined, is_left, is_presence, link};
+use common::{add_node, is_change, is_joined, is_left, is_presence, link};
 use csp_proto::{collab::v1 as pb, design::v1 as dpb, executor::v1 as xpb};
 use csp_testkit::{TestEnv, authed};
 use pb::collab_event::Kind;
@@ -141,10 +141,188 @@ async fn clients_on_two_replicas_see_each_other(env: TestEnv) {
     );
 }
 
-csp_testkit::backend_tests!(clients_on_two_replicas_see_each_other);
-
-#[allow(dead_code)]
-fn unused() -> Duration {
-    let _ = at(0.0);
-    Duration::ZERO
+/// What two clients both receive: everything but the cursors of the two themselves.
+fn shared_events(seen: &[pb::CollabEvent], after: &str, mine: [&str; 2]) -> Vec<String> {
+    let after: csp_bus::EventId = after.parse().unwrap();
+    seen.iter()
+        .filter(|e| !matches!(e.kind, Some(Kind::Snapshot(_))))
+        .filter(|e| e.event_id.parse::<csp_bus::EventId>().unwrap() > after)
+        .filter(|e| {
+            e.kind.as_ref().and_then(is_presence).is_none_or(|p| !mine.contains(&p.session_id.as_str()))
+        })
+        .map(|e| e.event_id.clone())
+        .collect()
 }
+
+/// A client that drops its stream and reconnects (to the other replica) with its session and
+/// last event id gets exactly the events it missed, and is not announced again.
+async fn a_reconnect_with_the_last_id_loses_and_repeats_nothing(env: TestEnv) {
+    let h = common::start(&env, 2, |s| s.collab.presence_tick = Duration::from_millis(1)).await;
+    let (ada, bob, cy) = (h.designer("ada"), h.designer("bob"), h.designer("cy"));
+    let design = h.create(&ada, "Resume").await;
+    for user in ["bob", "cy"] {
+        h.share(&ada, &design, user, dpb::Access::Editor).await;
+    }
+    let mut a = h.join(0, &ada, &design).await;
+    let c = h.join(0, &cy, &design).await;
+    let mut b = h.join(1, &bob, &design).await;
+    let from = b.snapshot.as_ref().map(|_| b.last_id()).unwrap();
+    a.until(|k| is_joined(k).is_some_and(|p| p.user_id == "bob")).await;
+
+    // Some traffic while Bob is connected, then he drops his stream mid-flow.
+    let mut revision = 1;
+    for i in 0..5 {
+        h.presence(0, &cy, &c.session_id, f64::from(i)).await.unwrap();
+    }
+    revision = h.apply(&cy, &design, revision, vec![add_node("n1", "sink.log", json!({}))]).await.unwrap();
+    b.until(|k| is_change(k).is_some()).await;
+    let dropped_at = b.last_id();
+    drop(b.events);
+
+    // Traffic he misses: cursors on both replicas, edits, a join.
+    for i in 0..20 {
+        h.presence(i % 2, &cy, &c.session_id, f64::from(100 + i as u32)).await.unwrap();
+        if i % 5 == 0 {
+            h.presence(0, &ada, &a.session_id, f64::from(i as u32)).await.unwrap();
+        }
+    }
+    for n in 2..5 {
+        revision = h
+            .apply(&ada, &design, revision, vec![add_node(&format!("n{n}"), "sink.log", json!({}))])
+            .await
+            .unwrap();
+    }
+    let _dee = h.join(1, &h.designer("ada"), &design).await;
+
+    // Back, on the other replica, where he left off.
+    let request = pb::JoinRequest {
+        design_id: design.clone(),
+        session_id: b.session_id.clone(),
+        after_event_id: dropped_at.clone(),
+        ..Default::default()
+    };
+    let events = h.on(0).join(authed(request, &bob)).await.unwrap().into_inner();
+    let mut resumed =
+        common::Joined { events, session_id: b.session_id.clone(), snapshot: None, seen: Vec::new() };
+    let last = h.apply(&cy, &design, revision, vec![add_node("last", "sink.log", json!({}))]).await.unwrap();
+    for stream in [&mut a, &mut resumed] {
+        stream.until(|k| is_change(k).is_some_and(|c| c.revision == last)).await;
+    }
+    assert!(!matches!(resumed.seen[0].kind, Some(Kind::Snapshot(_))), "a resume starts with what was missed");
+    assert!(resumed.seen[0].event_id.parse::<csp_bus::EventId>().unwrap() > dropped_at.parse().unwrap());
+
+    let mut bobs = b.seen.clone();
+    bobs.extend(resumed.seen.clone());
+    let mine = [a.session_id.as_str(), b.session_id.as_str()];
+    let expected = shared_events(&a.seen, &from, mine);
+    let got = shared_events(&bobs, &from, mine);
+    assert_eq!(
+        got, expected,
+        "Bob's events, before and after the reconnect, are Ada's: none lost, none twice"
+    );
+    assert!(expected.len() > 25, "{}", expected.len());
+    assert_eq!(
+        a.seen
+            .iter()
+            .filter(|e| e.kind.as_ref().and_then(is_joined).is_some_and(|p| p.user_id == "bob"))
+            .count(),
+        1,
+        "a resumed session is not announced again"
+    );
+}
+
+/// A resume from before what the log keeps gets a fresh snapshot, marked as such.
+async fn a_resume_from_trimmed_events_gets_a_fresh_snapshot(env: TestEnv) {
+    let h = common::start(&env, 1, |s| s.collab.events_kept = 100).await;
+    let (ada, bob) = (h.designer("ada"), h.designer("bob"));
+    let design = h.create(&ada, "Busy").await;
+    h.share(&ada, &design, "bob", dpb::Access::Editor).await;
+    let b = h.join(0, &bob, &design).await;
+    let from = b.last_id();
+    drop(b.events);
+    let mut revision = 1;
+    for n in 0..120 {
+        revision = h
+            .apply(&ada, &design, revision, vec![add_node(&format!("n{n}"), "sink.log", json!({}))])
+            .await
+            .unwrap();
+    }
+    let mut a = h.join(0, &ada, &design).await;
+    if a.snapshot.as_ref().unwrap().design_revision < revision {
+        a.until(|k| is_change(k).is_some_and(|c| c.revision == revision)).await;
+    }
+    let request = pb::JoinRequest {
+        design_id: design.clone(),
+        session_id: b.session_id.clone(),
+        after_event_id: from,
+        ..Default::default()
+    };
+    let resumed = h.join_with(0, &bob, request).await.unwrap();
+    let snapshot = resumed.snapshot.expect("a snapshot first");
+    assert!(snapshot.resync);
+    assert_eq!(snapshot.session_id, b.session_id, "the session goes on");
+    assert_eq!(snapshot.design_revision, revision);
+    assert_eq!(snapshot.participants.len(), 2);
+}
+
+/// Edits racing from two editors reach every client once each, in revision order, each
+/// saying which revision it follows.
+async fn racing_edits_arrive_in_revision_order(env: TestEnv) {
+    let h = common::start(&env, 2, |_| {}).await;
+    let (ada, bob) = (h.designer("ada"), h.designer("bob"));
+    let design = h.create(&ada, "Race").await;
+    h.share(&ada, &design, "bob", dpb::Access::Editor).await;
+    let mut watchers = vec![h.join(0, &ada, &design).await, h.join(1, &bob, &design).await];
+    let edits = |token: String, who: &'static str| {
+        let designs = h.designs.clone();
+        let design = design.clone();
+        async move {
+            let mut made = 0;
+            let mut n = 0;
+            while made < 15 {
+                n += 1;
+                let current = {
+                    let request = dpb::GetDesignRequest {
+                        design_id: design.clone(),
+                        view: dpb::DesignView::Basic as i32,
+                    };
+                    designs
+                        .clone()
+                        .get_design(authed(request, &token))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .design
+                        .unwrap()
+                        .revision
+                };
+                let request = dpb::ApplyOpsRequest {
+                    design_id: design.clone(),
+                    expected_revision: current,
+                    ops: vec![add_node(&format!("{who}{n}"), "sink.log", json!({}))],
+                };
+                if designs.clone().apply_ops(authed(request, &token)).await.is_ok() {
+                    made += 1;
+                }
+            }
+        }
+    };
+    tokio::join!(edits(ada.clone(), "a"), edits(bob.clone(), "b"));
+    for w in &mut watchers {
+        let mut revisions = Vec::new();
+        while revisions.last() != Some(&31) {
+            let event = w.until(|k| is_change(k).is_some()).await;
+            let change = is_change(event.kind.as_ref().unwrap()).unwrap();
+            assert_eq!(change.previous_revision, change.revision - 1);
+            revisions.push(change.revision);
+        }
+        assert_eq!(revisions, (2..=31).collect::<Vec<_>>());
+    }
+}
+
+csp_testkit::backend_tests!(
+    clients_on_two_replicas_see_each_other,
+    a_reconnect_with_the_last_id_loses_and_repeats_nothing,
+    a_resume_from_trimmed_events_gets_a_fresh_snapshot,
+    racing_edits_arrive_in_revision_order,
+);
