@@ -16,7 +16,7 @@ run: ## Build and start every service and the gateway on localhost:8080 (SQLite 
 	$(CARGO) run --bin csp -- serve --target all
 
 .PHONY: test
-test: ## Run the whole test suite (PostgreSQL + Redis suites too when CSP_TEST_DATABASE_URL and CSP_TEST_REDIS_URL are set)
+test: $(BUF) ## Run the whole test suite (PostgreSQL + Redis suites too when CSP_TEST_DATABASE_URL and CSP_TEST_REDIS_URL are set)
 	$(CARGO) test --workspace
 
 .PHONY: lint

@@ -3,11 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod common;
+
+use common::{
+    ADMIN_PASSWORD, Running, channel, create_admin, create_admin_in, csp, env_vars, login, new_designer,
+};
+
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -16,129 +21,10 @@ use futures::StreamExt as _;
 use http_body_util::BodyExt as _;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use secrecy::ExposeSecret;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_csp");
-
-/// Variables of the developer's shell that would change what the binary does.
-const CLEARED: &[&str] = &[
-    "DATABASE_URL",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_NAME",
-    "DB_USER",
-    "DB_PASSWORD",
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_DB",
-    "REDIS_PASSWORD",
-    "ENVIRONMENT",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "CSP_CONFIG",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "ENABLE_METRICS",
-];
-
-fn csp(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    command.current_dir(dir).stdin(Stdio::null());
-    for var in CLEARED {
-        command.env_remove(var);
-    }
-    command
-}
-
-/// Environment variables pointing the binary at a test environment.
-fn env_vars(env: &TestEnv) -> Vec<(String, String)> {
-    let settings = env.settings();
-    let mut vars = vec![
-        ("CSP_GATEWAY__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-        ("LOG_LEVEL".into(), "warn".into()),
-    ];
-    match env.backend() {
-        Backend::Embedded => {
-            vars.push(("CSP_DATABASE__DATA_DIR".into(), env.dir().join("data").display().to_string()))
-        }
-        Backend::External => {
-            vars.push(("DATABASE_URL".into(), settings.database.url.unwrap().expose_secret().to_owned()));
-            vars.push(("REDIS_URL".into(), settings.redis.url.unwrap().expose_secret().to_owned()));
-            vars.push(("CSP_REDIS__KEY_PREFIX".into(), settings.redis.key_prefix));
-        }
-    }
-    vars
-}
-
-/// A running `csp serve`, stopped with SIGTERM when dropped.
-struct Running {
-    child: Child,
-    gateway: SocketAddr,
-}
-
-impl Running {
-    fn start(dir: &Path, vars: &[(String, String)], args: &[&str]) -> Running {
-        let (child, addr) = Self::spawn(dir, vars, args, "gateway listening on http://");
-        Running { child, gateway: addr.parse().unwrap() }
-    }
-
-    /// Starts `csp` and waits for the stdout line that starts with `announce`; returns the
-    /// process and the address that follows.
-    fn spawn(
-        dir: &Path,
-        vars: &[(String, String)],
-        args: &[&str],
-        announce: &'static str,
-    ) -> (Child, String) {
-        let mut child = csp(dir)
-            .args(args)
-            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix(announce) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("csp announced its address");
-        (child, addr)
-    }
-
-    fn terminate(&mut self) -> ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "csp did not stop after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
-}
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -193,47 +79,6 @@ async fn serving(addr: SocketAddr, service: &str) -> ServingStatus {
     let mut client = HealthClient::new(channel(addr).await);
     let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap();
     ServingStatus::try_from(response.into_inner().status).unwrap()
-}
-
-const ADMIN_PASSWORD: &str = "Tr1cky-Lantern-Oboe-42";
-
-/// `csp admin create-user`, as the README shows it.
-fn create_admin(env: &TestEnv, vars: &[(String, String)]) {
-    create_admin_in(env.dir(), vars);
-}
-
-fn create_admin_in(dir: &Path, vars: &[(String, String)]) {
-    let output = csp(dir)
-        .args([
-            "admin",
-            "create-user",
-            "--username",
-            "admin",
-            "--email",
-            "admin@example.com",
-            "--role",
-            "admin",
-        ])
-        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("CSP_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("created user admin"));
-}
-
-async fn login(
-    addr: SocketAddr,
-    login: &str,
-    password: &str,
-) -> Result<csp_proto::auth::v1::LoginResponse, tonic::Status> {
-    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
-    let request = csp_proto::auth::v1::LoginRequest {
-        login: login.into(),
-        password: password.into(),
-        api_key: String::new(),
-    };
-    Ok(auth.login(request).await?.into_inner())
 }
 
 /// The first-run experience: everything up, discoverable, healthy and measured, then a clean
@@ -488,21 +333,6 @@ async fn a_first_design_through_the_gateway(env: TestEnv) {
     let listed =
         designs.list_designs(csp_testkit::authed(request, &token)).await.unwrap().into_inner().designs;
     assert_eq!(listed.len(), 2);
-}
-
-/// A new designer, created by the admin; their access token.
-async fn new_designer(addr: SocketAddr) -> String {
-    let admin = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
-    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
-    let request = csp_proto::auth::v1::CreateUserRequest {
-        username: "erin".into(),
-        email: "erin@example.com".into(),
-        password: "correct horse battery staple".into(),
-        roles: vec![csp_proto::auth::v1::Role::Designer as i32],
-        ..Default::default()
-    };
-    auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap();
-    login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token
 }
 
 /// A design of `nodes` chained in order (`out` to `in`); its id.
