@@ -13,6 +13,9 @@
 //! - `executions`: small executions (input → set → output) per second, each started and
 //!   watched to its end by one of many concurrent clients, on the embedded default and on
 //!   PostgreSQL + Redis (see `executions.rs`).
+//! - `collab`: 100 clients moving their cursors on one design over two collaboration replicas
+//!   on PostgreSQL + Redis, with edits committed meanwhile: cursor and edit delivery latency,
+//!   events delivered, coalesced and dropped (see `collab.rs`).
 
 #![allow(clippy::print_stdout)]
 
@@ -26,12 +29,13 @@ use csp_platform::{
     auth::{Claims, Role, TOKEN_AUDIENCE, TOKEN_ISSUER, Verifier, now_millis},
 };
 
+mod collab;
 mod design;
 mod executions;
 mod runtime;
 
 const WORKLOADS: &[&str] =
-    &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency", "executions"];
+    &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency", "executions", "collab"];
 
 /// See the workspace's Cargo.toml: messages cross worker threads.
 #[global_allocator]
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             "chain10jq" => runtime::chain10jq()?,
             "latency" => runtime::latency()?,
             "executions" => executions::run()?,
+            "collab" => collab::run()?,
             _ => unreachable!(),
         }
     }
