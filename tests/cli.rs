@@ -6,7 +6,8 @@
 mod common;
 
 use common::{
-    ADMIN_PASSWORD, Running, channel, create_admin, create_admin_in, csp, env_vars, login, new_designer,
+    ADMIN_PASSWORD, Running, channel, create_admin, create_admin_in, csp, env_vars, http_get, login,
+    new_designer,
 };
 
 use std::{
@@ -18,21 +19,11 @@ use std::{
 
 use csp_testkit::{Backend, TestEnv};
 use futures::StreamExt as _;
-use http_body_util::BodyExt as _;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use secrecy::ExposeSecret;
 use tonic::{Code, Status};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = client.get(format!("http://{addr}{path}").parse().unwrap()).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
 
 async fn list_services(addr: SocketAddr) -> Vec<String> {
     use tonic_reflection::pb::v1alpha::{

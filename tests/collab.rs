@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Running, channel, create_admin, env_vars, new_designer};
+use common::{Running, channel, create_admin, env_vars, http_get, new_designer};
 use csp_proto::{
     collab::v1::{self as pb, collaboration_service_client::CollaborationServiceClient},
     design::v1 as dpb,
@@ -154,6 +154,19 @@ async fn a_browser_follows_a_design_through_the_gateway(env: TestEnv) {
     let change = &changed["event"]["designChanged"];
     assert_eq!((change["revision"].as_str(), change["previousRevision"].as_str()), (Some("2"), Some("1")));
     assert_eq!(change["ops"][0]["addNode"]["node"]["id"], "added-elsewhere");
+
+    // What it took shows on /metrics.
+    let (status, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "csp_collab_connections_active 2",
+        "csp_collab_joins_total 2",
+        "csp_collab_events_sent_total",
+        "csp_collab_presence_updates_total 1",
+        "csp_collab_fanout_latency_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} is not on /metrics");
+    }
 }
 
 /// A collaboration replica killed with SIGKILL: the sessions it held are announced as timed

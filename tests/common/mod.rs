@@ -12,6 +12,8 @@ use std::{
 };
 
 use csp_testkit::{Backend, TestEnv};
+use http_body_util::BodyExt as _;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use secrecy::ExposeSecret;
 use tonic::transport::Channel;
 
@@ -188,4 +190,13 @@ pub async fn new_designer(addr: SocketAddr) -> String {
     };
     auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap();
     login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token
+}
+
+/// A plain HTTP GET: the status and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(format!("http://{addr}{path}").parse().unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
