@@ -382,6 +382,17 @@ impl Room {
                     .collect()
             };
             if !due.is_empty() {
+                // The rest of each participant as the room knows it now (its access may have
+                // changed since the update was queued).
+                let due: Vec<Participant> = {
+                    let state = lock(&self.state);
+                    due.into_iter()
+                        .map(|p| match state.participants.get(&p.session) {
+                            Some(current) => Participant { presence: p.presence, ..current.clone() },
+                            None => p,
+                        })
+                        .collect()
+                };
                 let ops = due
                     .into_iter()
                     .map(|p| {
