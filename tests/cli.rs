@@ -246,18 +246,7 @@ async fn a_first_design_through_the_gateway(env: TestEnv) {
     create_admin(&env, &vars);
     let csp = Running::start(env.dir(), &vars, &["serve"]);
     let addr = csp.gateway;
-    let admin = login(addr, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
-    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(addr).await);
-    let request = csp_proto::auth::v1::CreateUserRequest {
-        username: "erin".into(),
-        email: "erin@example.com".into(),
-        password: "correct horse battery staple".into(),
-        roles: vec![csp_proto::auth::v1::Role::Designer as i32],
-        ..Default::default()
-    };
-    auth.create_user(csp_testkit::authed(request, &admin)).await.unwrap();
-    let token =
-        login(addr, "erin", "correct horse battery staple").await.unwrap().tokens.unwrap().access_token;
+    let token = new_designer(addr).await;
     let mut designs = pb::design_service_client::DesignServiceClient::new(channel(addr).await);
 
     let request = pb::CreateDesignRequest { name: "Greeting".into(), ..Default::default() };

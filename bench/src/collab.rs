@@ -34,11 +34,7 @@ const RUN_FOR: Duration = Duration::from_secs(10);
 pub(crate) fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let database = std::env::var("CSP_BENCH_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let redis =
-            std::env::var("CSP_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let env = TestEnv::external_at(&database, &redis).await;
+        let (env, redis) = crate::external_env().await;
         let outcome = measure(&env, &redis).await;
         env.teardown().await;
         outcome

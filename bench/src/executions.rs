@@ -33,11 +33,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         let outcome = measure(&env, "embedded").await;
         env.teardown().await;
         outcome?;
-        let database = std::env::var("CSP_BENCH_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let redis =
-            std::env::var("CSP_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let env = TestEnv::external_at(&database, &redis).await;
+        let (env, _) = crate::external_env().await;
         let outcome = measure(&env, "PostgreSQL + Redis").await;
         env.teardown().await;
         outcome

@@ -348,13 +348,7 @@ impl EventBus for RedisBus {
             args.push(Value::Integer(append.cap.map_or(0, |cap| cap.max(1) as i64)));
             args.push(Value::Integer(append.events.len() as i64));
             for event in append.events {
-                args.push(Value::Integer(2 * (1 + event.headers.len() as i64)));
-                args.push(Value::from(PAYLOAD_FIELD));
-                args.push(Value::Bytes(event.payload));
-                for (name, value) in event.headers {
-                    args.push(Value::from(format!("{HEADER_PREFIX}{name}")));
-                    args.push(Value::from(value));
-                }
+                push_fields(event, &mut args);
             }
         }
         let reply: Value = append_many_script()
@@ -944,6 +938,18 @@ return held
 "#,
         )
     })
+}
+
+/// An event as script arguments: its field count, then its fields (payload, headers), ready
+/// for `XADD ... unpack(ARGV, ...)`.
+fn push_fields(event: NewEvent, args: &mut Vec<Value>) {
+    args.push(Value::Integer(2 * (1 + event.headers.len() as i64)));
+    args.push(Value::from(PAYLOAD_FIELD));
+    args.push(Value::Bytes(event.payload));
+    for (name, value) in event.headers {
+        args.push(Value::from(format!("{HEADER_PREFIX}{name}")));
+        args.push(Value::from(value));
+    }
 }
 
 /// Escapes the glob characters of a key prefix for SCAN MATCH.

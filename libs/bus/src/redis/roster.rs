@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::types::Value;
 
-use super::{HEADER_PREFIX, PAYLOAD_FIELD, RedisBus, bad_reply, bytes_of, integer, text, unavailable};
+use super::{RedisBus, bad_reply, bytes_of, integer, push_fields, text, unavailable};
 use crate::{
-    EventId, NewEvent, Result,
+    EventId, Result,
     roster::{
         Applied, Change, Mark, Member, Op, Relay, Relayed, RosterLimits, RosterSnapshot, Rosters, kind_of,
     },
@@ -213,17 +213,6 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf')
     )
 }
 
-/// The fields of an event as XADD arguments.
-fn fields(event: NewEvent, args: &mut Vec<Value>) {
-    args.push(Value::Integer(2 * (1 + event.headers.len() as i64)));
-    args.push(Value::from(PAYLOAD_FIELD));
-    args.push(Value::Bytes(event.payload));
-    for (name, value) in event.headers {
-        args.push(Value::from(format!("{HEADER_PREFIX}{name}")));
-        args.push(Value::from(value));
-    }
-}
-
 /// `<prefix>ms-seq|ms-seq` → a mark.
 fn parse_mark(value: &str) -> Option<Mark> {
     let (key, from) = value.split_once('|')?;
@@ -274,7 +263,7 @@ impl Rosters for RedisBus {
             args.push(Value::Bytes(value));
             args.push(Value::Integer(op.lease.map_or(0, |l| l.as_millis().max(1) as i64)));
             match op.event {
-                Some(event) => fields(event, &mut args),
+                Some(event) => push_fields(event, &mut args),
                 None => args.push(Value::Integer(0)),
             }
         }
@@ -369,7 +358,7 @@ impl Rosters for RedisBus {
             Value::Integer(limits.cap as i64),
         ];
         match relay.event {
-            Some(event) => fields(event, &mut args),
+            Some(event) => push_fields(event, &mut args),
             None => args.push(Value::Integer(0)),
         }
         let reply: Value = relay_script()
