@@ -705,6 +705,8 @@ pub struct CollabSettings {
     pub events_kept: u64,
     /// Sessions per design.
     pub max_sessions_per_design: usize,
+    /// Sessions of one user per design (tabs, devices).
+    pub max_sessions_per_user: usize,
     /// Selected node and connection ids per presence.
     pub max_selected: usize,
     /// How long a design change that arrives before the one it follows waits for it before
@@ -731,6 +733,7 @@ impl Default for CollabSettings {
             send_queue: 512,
             events_kept: 10_000,
             max_sessions_per_design: 200,
+            max_sessions_per_user: 20,
             max_selected: 1000,
             reorder_wait: Duration::from_secs(1),
             room_idle: Duration::from_secs(60),
@@ -1012,8 +1015,14 @@ impl Settings {
         if collab.events_kept < 100 {
             return invalid("collab.events_kept", "must be at least 100");
         }
-        if collab.max_sessions_per_design == 0 || collab.max_selected == 0 {
-            return invalid("collab", "max_sessions_per_design and max_selected must be at least 1");
+        if collab.max_sessions_per_design == 0
+            || collab.max_sessions_per_user == 0
+            || collab.max_selected == 0
+        {
+            return invalid(
+                "collab",
+                "max_sessions_per_design, max_sessions_per_user and max_selected must be at least 1",
+            );
         }
         if collab.sweep_interval.is_zero() || collab.sweep_interval > collab.session_timeout {
             return invalid("collab.sweep_interval", "must be above 0 and at most collab.session_timeout");

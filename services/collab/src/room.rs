@@ -267,9 +267,10 @@ impl Room {
         lock(&self.state).participants.get(session).cloned()
     }
 
-    /// Sessions present.
-    pub(crate) fn population(&self) -> usize {
-        lock(&self.state).participants.len()
+    /// Sessions present, and those of `user_id` among them.
+    pub(crate) fn population(&self, user_id: &str) -> (usize, usize) {
+        let state = lock(&self.state);
+        (state.participants.len(), state.participants.values().filter(|p| p.user_id == user_id).count())
     }
 
     /// Tells the room a join saw the design at `revision`: if the log has not reached it

@@ -226,10 +226,17 @@ impl Collab {
                 (participant.session, None)
             }
             None => {
-                if room.population() >= settings.max_sessions_per_design {
+                let (everyone, yours) = room.population(&p.user_id);
+                if everyone >= settings.max_sessions_per_design {
                     return Err(Error::Exhausted(format!(
                         "the design has the most sessions allowed ({}); try again later",
                         settings.max_sessions_per_design
+                    )));
+                }
+                if yours >= settings.max_sessions_per_user {
+                    return Err(Error::Exhausted(format!(
+                        "you have the most sessions allowed on this design ({}); leave one first",
+                        settings.max_sessions_per_user
                     )));
                 }
                 let participant = Participant {

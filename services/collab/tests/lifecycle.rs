@@ -156,7 +156,7 @@ fn fields(status: &tonic::Status) -> Vec<String> {
 /// Bad ids and absurd presence get clear statuses naming the field; nothing echoes a huge
 /// input; someone else's session is as unknown as a made-up one.
 async fn bad_input_gets_clear_statuses(env: TestEnv) {
-    let h = common::start(&env, 1, |_| {}).await;
+    let h = common::start(&env, 1, |s| s.collab.max_sessions_per_user = 3).await;
     let (ada, bob) = (h.designer("ada"), h.designer("bob"));
     let design = h.create(&ada, "Strict").await;
     h.share(&ada, &design, "bob", dpb::Access::Editor).await;
@@ -212,6 +212,18 @@ async fn bad_input_gets_clear_statuses(env: TestEnv) {
     };
     let resynced = join(request).await.unwrap();
     assert!(resynced.snapshot.unwrap().resync);
+
+    // One user cannot take every seat.
+    let mut tabs = Vec::new();
+    let full = loop {
+        match h.join_with(0, &bob, pb::JoinRequest { design_id: design.clone(), ..Default::default() }).await
+        {
+            Ok(tab) => tabs.push(tab),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!((full.code(), tabs.len() + 1), (Code::ResourceExhausted, 3), "{full:?}");
+    let _ = h.join(0, &ada, &design).await;
 
     let stats = h.on(0).get_stats(authed(pb::GetStatsRequest {}, &ada)).await.unwrap_err();
     assert_eq!(stats.code(), Code::PermissionDenied);
