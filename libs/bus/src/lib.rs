@@ -230,6 +230,49 @@ pub trait Counters: Send + Sync + 'static {
 
     /// Removes `key`.
     async fn reset(&self, key: &str) -> Result<()>;
+
+    /// Takes `amount` from every claim's counter at once, or from none: refused (with the
+    /// index of the first claim whose limit it would pass) when any would pass its limit. A
+    /// counter created here lives for its claim's `ttl`. Atomic across every process sharing
+    /// the bus, so processes together never pass a limit (reserve-then-settle).
+    async fn reserve(&self, claims: &[Claim]) -> Result<Reserved>;
+
+    /// Moves counters by signed amounts (settling reservations: the real amount minus the
+    /// reserved one), never below zero. A counter created here lives for its `ttl`.
+    async fn adjust(&self, changes: &[Adjust]) -> Result<()>;
+}
+
+/// A share of a limited counter, for [`Counters::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The counter.
+    pub key: String,
+    /// How much to take.
+    pub amount: u64,
+    /// The counter may not go above this.
+    pub limit: u64,
+    /// How long a counter created by this claim lives.
+    pub ttl: Duration,
+}
+
+/// A signed change of a counter, for [`Counters::adjust`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjust {
+    /// The counter.
+    pub key: String,
+    /// How much to add (negative: give back).
+    pub delta: i64,
+    /// How long a counter created by this change lives.
+    pub ttl: Duration,
+}
+
+/// The outcome of [`Counters::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    /// Every counter took its amount.
+    Granted,
+    /// Nothing was taken: this claim (by index) would have passed its limit.
+    Refused(usize),
 }
 
 /// A capped, resumable event log with consumer groups, and shared [`Counters`]. See the crate

@@ -5,7 +5,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use csp_bus::{Append, BusError, Event, EventId, GroupStart, NewEvent, SharedBus};
+use csp_bus::{Adjust, Append, BusError, Claim, Event, EventId, GroupStart, NewEvent, Reserved, SharedBus};
 use csp_testkit::TestEnv;
 use futures::StreamExt as _;
 use tokio::time::timeout;
@@ -436,7 +436,56 @@ async fn concurrent_hits_are_all_counted(env: TestEnv) {
     assert_eq!(seen, (1..=200).collect::<HashSet<u64>>());
 }
 
+/// Reserve-then-settle: a reservation takes from every counter or from none, racing
+/// reservers never pass a limit together, and settling gives back what was not used.
+async fn reservations_never_pass_a_limit(env: TestEnv) {
+    let bus = env.bus();
+    let ttl = Duration::from_secs(60);
+    let claim = |key: &str, amount: u64, limit: u64| Claim { key: key.into(), amount, limit, ttl };
+    assert_eq!(
+        bus.reserve(&[claim("tokens", 60, 100), claim("spend", 5, 10)]).await.unwrap(),
+        Reserved::Granted
+    );
+    assert_eq!(bus.count("tokens").await.unwrap(), 60);
+    // The second claim would pass its limit: nothing is taken from either.
+    assert_eq!(
+        bus.reserve(&[claim("tokens", 30, 100), claim("spend", 6, 10)]).await.unwrap(),
+        Reserved::Refused(1)
+    );
+    assert_eq!((bus.count("tokens").await.unwrap(), bus.count("spend").await.unwrap()), (60, 5));
+    assert!(bus.ttl("tokens").await.unwrap().unwrap() > Duration::from_secs(50));
+
+    // Settling: 60 reserved, 25 used; a refund never goes below zero.
+    let adjust = |key: &str, delta: i64| Adjust { key: key.into(), delta, ttl };
+    bus.adjust(&[adjust("tokens", -35), adjust("spend", -100)]).await.unwrap();
+    assert_eq!((bus.count("tokens").await.unwrap(), bus.count("spend").await.unwrap()), (25, 0));
+
+    // Many at once: exactly as many as fit are granted.
+    let racers: Vec<_> = (0..50)
+        .map(|_| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.reserve(&[Claim {
+                    key: "race".into(),
+                    amount: 7,
+                    limit: 100,
+                    ttl: Duration::from_secs(60),
+                }])
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for racer in racers {
+        granted += usize::from(racer.await.unwrap() == Reserved::Granted);
+    }
+    assert_eq!(granted, 14);
+    assert_eq!(bus.count("race").await.unwrap(), 98);
+}
+
 csp_testkit::backend_tests!(
+    reservations_never_pass_a_limit,
     counters_count_within_a_fixed_window,
     concurrent_hits_are_all_counted,
     appends_keep_order_and_round_trip,

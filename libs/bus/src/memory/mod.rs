@@ -14,8 +14,8 @@ use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::watch;
 
 use crate::{
-    Append, BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary,
-    Result,
+    Adjust, Append, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent,
+    PendingSummary, Reserved, Result,
 };
 
 /// Batch size of a tail's reads.
@@ -215,6 +215,41 @@ impl Counters for MemoryBus {
 
     async fn reset(&self, key: &str) -> Result<()> {
         self.counters().remove(key);
+        Ok(())
+    }
+
+    async fn reserve(&self, claims: &[Claim]) -> Result<Reserved> {
+        let now = Instant::now();
+        let mut counters = self.counters();
+        let current = |counters: &HashMap<String, (u64, Instant)>, key: &str| match counters.get(key) {
+            Some((n, expires)) if *expires > now => *n,
+            _ => 0,
+        };
+        if let Some(refused) =
+            claims.iter().position(|c| current(&counters, &c.key).saturating_add(c.amount) > c.limit)
+        {
+            return Ok(Reserved::Refused(refused));
+        }
+        for claim in claims {
+            let entry = counters.entry(claim.key.clone()).or_insert((0, now + claim.ttl));
+            if entry.1 <= now {
+                *entry = (0, now + claim.ttl);
+            }
+            entry.0 += claim.amount;
+        }
+        Ok(Reserved::Granted)
+    }
+
+    async fn adjust(&self, changes: &[Adjust]) -> Result<()> {
+        let now = Instant::now();
+        let mut counters = self.counters();
+        for change in changes {
+            let entry = counters.entry(change.key.clone()).or_insert((0, now + change.ttl));
+            if entry.1 <= now {
+                *entry = (0, now + change.ttl);
+            }
+            entry.0 = entry.0.saturating_add_signed(change.delta);
+        }
         Ok(())
     }
 }

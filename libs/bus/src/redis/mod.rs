@@ -37,8 +37,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    Append, BusError, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent, PendingSummary,
-    Result,
+    Adjust, Append, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent,
+    PendingSummary, Reserved, Result,
 };
 
 /// Payload field of an entry.
@@ -293,6 +293,87 @@ impl Counters for RedisBus {
         let _: i64 = self.inner.pool.del(self.key(key)).await.map_err(unavailable)?;
         Ok(())
     }
+
+    async fn reserve(&self, claims: &[Claim]) -> Result<Reserved> {
+        if claims.is_empty() {
+            return Ok(Reserved::Granted);
+        }
+        let keys: Vec<String> = claims.iter().map(|c| self.key(&c.key)).collect();
+        let mut args = Vec::with_capacity(claims.len() * 3);
+        for claim in claims {
+            args.push(Value::Integer(claim.amount.min(i64::MAX as u64) as i64));
+            args.push(Value::Integer(claim.limit.min(i64::MAX as u64) as i64));
+            args.push(Value::Integer(claim.ttl.as_millis().max(1) as i64));
+        }
+        let refused: i64 = reserve_script()
+            .evalsha_with_reload(self.inner.pool.next(), keys, args)
+            .await
+            .map_err(unavailable)?;
+        Ok(if refused == 0 { Reserved::Granted } else { Reserved::Refused(refused as usize - 1) })
+    }
+
+    async fn adjust(&self, changes: &[Adjust]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = changes.iter().map(|c| self.key(&c.key)).collect();
+        let mut args = Vec::with_capacity(changes.len() * 2);
+        for change in changes {
+            args.push(Value::Integer(change.delta));
+            args.push(Value::Integer(change.ttl.as_millis().max(1) as i64));
+        }
+        let _: Value = adjust_script()
+            .evalsha_with_reload(self.inner.pool.next(), keys, args)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// Checks every key against its limit (ARGV: amount, limit, ttl per key), then takes every
+/// amount; returns 0, or the 1-based index of the first key that would pass its limit.
+fn reserve_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+for i = 1, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if current + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) then
+    return i
+  end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[3 * i - 2])
+  if redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3 * i])
+  end
+end
+return 0
+"#,
+        )
+    })
+}
+
+/// INCRBY each key by its delta (ARGV: delta, ttl per key), clamped at zero.
+fn adjust_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+for i = 1, #KEYS do
+  local n = redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
+  if n < 0 then
+    redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+  end
+  if redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2 * i])
+  end
+end
+return 0
+"#,
+        )
+    })
 }
 
 #[async_trait]
