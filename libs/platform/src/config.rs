@@ -16,6 +16,10 @@ use std::{
 };
 
 use figment::{Figment, providers::Format};
+
+mod ai;
+
+pub use ai::{AiLimits, AiSettings, ModelSettings, ProviderKind, ProviderSettings, builtin_providers};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_saphyr::figment::Yaml;
@@ -779,16 +783,6 @@ impl Default for DesignSettings {
     }
 }
 
-/// AI providers.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct AiSettings {
-    /// OpenAI API key.
-    pub openai_api_key: Option<SecretString>,
-    /// Anthropic API key.
-    pub anthropic_api_key: Option<SecretString>,
-}
-
 /// One of the six services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Service {
@@ -1027,6 +1021,7 @@ impl Settings {
         if collab.sweep_interval.is_zero() || collab.sweep_interval > collab.session_timeout {
             return invalid("collab.sweep_interval", "must be above 0 and at most collab.session_timeout");
         }
+        self.ai.validate()?;
         if design.undo_depth < 1 {
             return Err(ConfigError::Invalid {
                 key: "design.undo_depth",

@@ -840,7 +840,7 @@ impl csp_executor::runtime::Ai for FakeAi {
         self.asked.lock().unwrap().push(format!("analyze {} kinds {:?}", request.text, request.kinds));
         Ok(csp_proto::ai::v1::AnalyzeResponse {
             result: Some(pbjson::to_struct(json!({ "sentiment": { "label": "positive" } }))),
-            usage: None,
+            ..Default::default()
         })
     }
 
@@ -853,7 +853,7 @@ impl csp_executor::runtime::Ai for FakeAi {
             code: "def add(a, b): return a + b".into(),
             tests: "assert add(1, 2) == 3".into(),
             documentation: "Adds.".into(),
-            usage: None,
+            ..Default::default()
         })
     }
 }
