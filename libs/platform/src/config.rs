@@ -671,6 +671,11 @@ pub struct ExecutorSettings {
     pub max_recorded_messages: usize,
     /// Threads that run process networks; 0 means one per core.
     pub threads: usize,
+    /// An API key of a service account (role `service`) the executor signs in with to call
+    /// the AI service on behalf of whoever started an execution, however long it runs. Without
+    /// one, the starter's own access token is used, and an execution that outlives it (or is
+    /// taken over by another replica) cannot call the AI service.
+    pub ai_api_key: Option<SecretString>,
 }
 
 impl Default for ExecutorSettings {
@@ -682,6 +687,7 @@ impl Default for ExecutorSettings {
             events_kept: 100_000,
             max_recorded_messages: 100_000,
             threads: 0,
+            ai_api_key: None,
         }
     }
 }

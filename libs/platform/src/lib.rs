@@ -6,11 +6,12 @@
 //!   shutdown).
 //! - [`error`]: the one domain-error → `tonic::Status` mapping, with field details.
 //! - [`health`], [`metrics`], [`http`]: the pieces the server is made of.
-//! - [`client`]: channels to the other services.
+//! - [`client`]: channels to the other services; [`component`]: one call of a remote component.
 //! - [`auth`]: roles and permissions, access-token verification, the auth layer.
 
 pub mod auth;
 pub mod client;
+pub mod component;
 pub mod config;
 pub mod error;
 pub mod health;

@@ -1,14 +1,10 @@
 //! Tools: their checks, and running the ones served at a remote endpoint for the agent loop
 //! (`run_tools`): one `csp.component.v1.ComponentRuntime.Process` call per tool call — the
-//! arguments go in on port `in`, the first output comes back as the result.
+//! arguments go in on port `in`, the output comes back as the result.
 
 use std::time::Duration;
 
 use csp_platform::FieldViolation;
-use csp_proto::{
-    component::v1::{self as pb, component_runtime_client::ComponentRuntimeClient},
-    json as pbjson,
-};
 use serde_json::{Value, json};
 
 use crate::model::{ToolCall, ToolSpec};
@@ -87,65 +83,21 @@ fn clip(text: &str) -> String {
 
 /// Runs one tool call at its endpoint; the result (or what went wrong) as text for the model.
 pub(crate) async fn run(tool: &Tool, call: &ToolCall, timeout: Duration) -> String {
-    match tokio::time::timeout(timeout, call_remote(tool, call)).await {
-        Ok(Ok(result)) => result.to_string(),
-        Ok(Err(error)) => json!({ "error": error }).to_string(),
-        Err(_) => {
-            json!({ "error": format!("the tool did not answer within {} s", timeout.as_secs()) }).to_string()
-        }
-    }
-}
-
-async fn call_remote(tool: &Tool, call: &ToolCall) -> Result<Value, String> {
-    let arguments: Value =
-        serde_json::from_str(&call.arguments).map_err(|_| "the arguments are not JSON".to_owned())?;
-    let channel = tonic::transport::Endpoint::from_shared(tool.remote_address.clone())
-        .map_err(|_| "the tool's address is not valid".to_owned())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the tool: {}", clip(&e.to_string())))?;
-    let requests = vec![
-        pb::ProcessRequest {
-            kind: Some(pb::process_request::Kind::Start(pb::Start {
-                execution_id: String::new(),
-                node_id: tool.spec.name.clone(),
-                config: Some(pbjson::to_struct(if tool.config.is_object() {
-                    tool.config.clone()
-                } else {
-                    json!({})
-                })),
-                traceparent: String::new(),
-            })),
-        },
-        pb::ProcessRequest {
-            kind: Some(pb::process_request::Kind::Message(pb::Message {
-                port: "in".into(),
-                payload: Some(pbjson::to_value(arguments)),
-                sequence: 1,
-            })),
-        },
-        pb::ProcessRequest {
-            kind: Some(pb::process_request::Kind::InputClosed(pb::InputClosed { port: "in".into() })),
-        },
-    ];
-    let mut responses = ComponentRuntimeClient::new(channel)
-        .process(futures::stream::iter(requests))
-        .await
-        .map_err(|s| format!("the tool failed: {}", clip(s.message())))?
-        .into_inner();
-    let mut first = None;
-    while let Some(response) =
-        responses.message().await.map_err(|s| format!("the tool failed: {}", clip(s.message())))?
+    let Ok(arguments) = serde_json::from_str::<Value>(&call.arguments) else {
+        return json!({ "error": "the arguments are not JSON" }).to_string();
+    };
+    match csp_platform::component::call_once(
+        &tool.remote_address,
+        &tool.spec.name,
+        &tool.config,
+        arguments,
+        timeout,
+    )
+    .await
     {
-        match response.kind {
-            Some(pb::process_response::Kind::Message(m)) if first.is_none() => {
-                first = Some(m.payload.map(pbjson::from_value).unwrap_or(Value::Null));
-            }
-            Some(pb::process_response::Kind::Error(e)) => return Err(clip(&e.message)),
-            Some(pb::process_response::Kind::Done(_)) => break,
-            _ => {}
-        }
+        Ok(mut outputs) if outputs.len() == 1 => outputs.remove(0).to_string(),
+        Ok(outputs) if outputs.is_empty() => json!({ "error": "the tool sent no result" }).to_string(),
+        Ok(outputs) => Value::Array(outputs).to_string(),
+        Err(error) => json!({ "error": error }).to_string(),
     }
-    first.ok_or_else(|| "the tool sent no result".to_owned())
 }

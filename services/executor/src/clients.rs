@@ -3,13 +3,16 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use secrecy::{ExposeSecret as _, SecretString};
 
 use csp_platform::{Service, Settings, client::TracedChannel, config::ConfigError};
 use csp_proto::{
     ai::v1::{self as ai, ai_service_client::AiServiceClient},
+    auth::v1::{self as auth, auth_service_client::AuthServiceClient},
     design::v1::{self as design, design_service_client::DesignServiceClient},
     registry::v1::{self as registry, registry_service_client::RegistryServiceClient},
 };
@@ -201,21 +204,84 @@ impl Registry {
     }
 }
 
-/// The AI service, with the credentials of whoever started the execution.
+/// The executor's own identity towards the AI service: an access token obtained with its
+/// service account's API key (`executor.ai_api_key`), signed in again before it expires.
+pub(crate) struct ServiceLogin {
+    auth: AuthServiceClient<TracedChannel>,
+    api_key: SecretString,
+    token: tokio::sync::Mutex<Option<(AsciiMetadataValue, i64)>>,
+}
+
+impl ServiceLogin {
+    /// The login, when an API key is configured.
+    pub(crate) fn new(settings: &Settings) -> Result<Option<Self>, ConfigError> {
+        let Some(api_key) = settings.executor.ai_api_key.clone() else { return Ok(None) };
+        let auth = AuthServiceClient::new(csp_platform::client::channel(settings, Service::Auth)?);
+        Ok(Some(Self { auth, api_key, token: tokio::sync::Mutex::new(None) }))
+    }
+
+    /// A valid `authorization` value for the service account.
+    async fn credentials(&self) -> Result<AsciiMetadataValue, runtime::AiError> {
+        let mut token = self.token.lock().await;
+        if let Some((value, expires)) = token.as_ref()
+            && *expires - csp_platform::auth::now_seconds() > 60
+        {
+            return Ok(value.clone());
+        }
+        let mut request = Request::new(auth::LoginRequest {
+            login: String::new(),
+            password: String::new(),
+            api_key: self.api_key.expose_secret().to_owned(),
+        });
+        request.set_timeout(Duration::from_secs(10));
+        let failed = |why: String| (why, true);
+        let tokens = self
+            .auth
+            .clone()
+            .login(request)
+            .await
+            .map_err(|s| {
+                failed(format!("the executor cannot sign in to call the AI service: {}", s.message()))
+            })?
+            .into_inner()
+            .tokens
+            .unwrap_or_default();
+        let value: AsciiMetadataValue = format!("Bearer {}", tokens.access_token)
+            .parse()
+            .map_err(|_| failed("the auth service sent an unusable token".into()))?;
+        let expires = tokens.access_token_expires_at.map_or(0, |t| t.seconds);
+        *token = Some((value.clone(), expires));
+        Ok(value)
+    }
+}
+
+/// The AI service, called for one execution: as the executor's service account on behalf of
+/// whoever started it (when an API key is configured), else with the starter's credentials.
 pub(crate) struct Ai {
     client: AiServiceClient<TracedChannel>,
     credentials: Credentials,
+    login: Option<Arc<ServiceLogin>>,
+    started_by: String,
     design_id: String,
+    execution_id: String,
 }
 
 impl Ai {
     pub(crate) fn new(
         settings: &Settings,
+        login: Option<Arc<ServiceLogin>>,
         credentials: Credentials,
-        design_id: &str,
+        row: &crate::entity::execution::Model,
     ) -> Result<Self, ConfigError> {
         let client = AiServiceClient::new(csp_platform::client::channel(settings, Service::Ai)?);
-        Ok(Self { client, credentials, design_id: design_id.to_owned() })
+        Ok(Self {
+            client,
+            credentials,
+            login,
+            started_by: row.started_by.clone(),
+            design_id: row.design_id.clone(),
+            execution_id: row.id.clone(),
+        })
     }
 
     fn failed(status: Status) -> runtime::AiError {
@@ -223,10 +289,24 @@ impl Ai {
             matches!(status.code(), Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded);
         let why = match status.code() {
             Code::Unimplemented => format!("the AI service is not available: {}", status.message()),
-            Code::Unauthenticated => "the AI service refused the credentials of whoever started the execution (they may have expired)".into(),
+            Code::Unauthenticated => "the AI service refused the credentials of whoever started the execution (they may have expired; configure executor.ai_api_key)".into(),
             _ => format!("the AI service failed: {}", status.message()),
         };
         (why, retryable)
+    }
+
+    /// The request with its attribution, and the credentials to send it with.
+    async fn prepare<T>(&self, message: T) -> Result<Request<T>, runtime::AiError> {
+        let credentials = match &self.login {
+            Some(login) => Some(login.credentials().await?),
+            None => self.credentials.clone(),
+        };
+        Ok(request(message, &credentials, Duration::from_secs(300)))
+    }
+
+    /// Who the request is for: the starter, when the executor calls as itself.
+    fn on_behalf_of(&self) -> String {
+        if self.login.is_some() { self.started_by.clone() } else { String::new() }
     }
 }
 
@@ -234,7 +314,9 @@ impl Ai {
 impl runtime::Ai for Ai {
     async fn chat(&self, mut message: ai::ChatRequest) -> Result<ai::ChatResponse, runtime::AiError> {
         message.design_id.clone_from(&self.design_id);
-        let call = request(message, &self.credentials, Duration::from_secs(300));
+        message.execution_id.clone_from(&self.execution_id);
+        message.on_behalf_of = self.on_behalf_of();
+        let call = self.prepare(message).await?;
         self.client.clone().chat(call).await.map(tonic::Response::into_inner).map_err(Self::failed)
     }
 
@@ -243,7 +325,9 @@ impl runtime::Ai for Ai {
         mut message: ai::AnalyzeRequest,
     ) -> Result<ai::AnalyzeResponse, runtime::AiError> {
         message.design_id.clone_from(&self.design_id);
-        let call = request(message, &self.credentials, Duration::from_secs(300));
+        message.execution_id.clone_from(&self.execution_id);
+        message.on_behalf_of = self.on_behalf_of();
+        let call = self.prepare(message).await?;
         self.client.clone().analyze(call).await.map(tonic::Response::into_inner).map_err(Self::failed)
     }
 
@@ -252,7 +336,9 @@ impl runtime::Ai for Ai {
         mut message: ai::GenerateCodeRequest,
     ) -> Result<ai::GenerateCodeResponse, runtime::AiError> {
         message.design_id.clone_from(&self.design_id);
-        let call = request(message, &self.credentials, Duration::from_secs(300));
+        message.execution_id.clone_from(&self.execution_id);
+        message.on_behalf_of = self.on_behalf_of();
+        let call = self.prepare(message).await?;
         self.client.clone().generate_code(call).await.map(tonic::Response::into_inner).map_err(Self::failed)
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    clients::{Access, Ai, Credentials, Designs, Registry},
+    clients::{Access, Ai, Credentials, Designs, Registry, ServiceLogin},
     entity::execution,
     error::Error,
     plan, repo,
@@ -205,6 +205,8 @@ pub(crate) struct Executor {
     settings: Settings,
     designs: Designs,
     registry: Registry,
+    /// The executor's own sign-in for AI calls, when configured.
+    login: Option<Arc<ServiceLogin>>,
     shards: Arc<Shards>,
     /// This replica's name in the consumer group.
     me: String,
@@ -249,6 +251,7 @@ impl Executor {
             bus,
             designs: Designs::new(settings)?,
             registry: Registry::new(settings)?,
+            login: ServiceLogin::new(settings)?.map(Arc::new),
             shards,
             me: format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
             running: Mutex::new(HashMap::new()),
@@ -1091,7 +1094,7 @@ impl Executor {
             carried = outputs;
         }
         let credentials = lock(&self.credentials).get(&id).map(|(c, _)| c.clone()).unwrap_or_default();
-        let ai = Ai::new(&self.settings, credentials, &row.design_id)
+        let ai = Ai::new(&self.settings, self.login.clone(), credentials, &row)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let services =
             Services { ai: Some(Arc::new(ai)), execution_id: id.clone(), traceparent: current_traceparent() };

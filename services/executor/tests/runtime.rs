@@ -817,10 +817,25 @@ impl csp_executor::runtime::Ai for FakeAi {
         }
         let said: Vec<String> = request.messages.iter().map(|m| m.content.clone()).collect();
         let tools: Vec<String> = request.tools.iter().map(|t| t.name.clone()).collect();
-        self.asked
-            .lock()
-            .unwrap()
-            .push(format!("chat {said:?} tools {tools:?} run_tools {}", request.run_tools));
+        self.asked.lock().unwrap().push(format!("chat {said:?} tools {tools:?} node {}", request.node_id));
+        // Offered tools and no tool result yet: call the first tool.
+        let answered = request.messages.iter().any(|m| m.role == csp_proto::ai::v1::MessageRole::Tool as i32);
+        if let (Some(tool), false) = (request.tools.first(), answered) {
+            return Ok(csp_proto::ai::v1::ChatResponse {
+                message: Some(csp_proto::ai::v1::ChatMessage {
+                    role: csp_proto::ai::v1::MessageRole::Assistant as i32,
+                    tool_calls: vec![csp_proto::ai::v1::ToolCall {
+                        id: "call_1".into(),
+                        name: tool.name.clone(),
+                        arguments_json: r#"{"price": 3, "qty": 4}"#.into(),
+                    }],
+                    ..Default::default()
+                }),
+                finish_reason: "tool_calls".into(),
+                usage: Some(csp_proto::ai::v1::Usage { total_tokens: 5, ..Default::default() }),
+                ..Default::default()
+            });
+        }
         Ok(csp_proto::ai::v1::ChatResponse {
             message: Some(csp_proto::ai::v1::ChatMessage {
                 content: format!("echo: {}", said.last().cloned().unwrap_or_default()),
@@ -893,9 +908,13 @@ async fn ai_nodes_ask_the_ai_service() {
         ]
     );
 
-    let config = json!({ "tools": [{ "name": "lookup", "description": "Finds things", "component_type": "transform.map", "component_config": { "expression": "." } }] });
-    let ran = through_ai(ai.clone(), "ai.agent", config, json!("find it"), 0).await;
-    assert_eq!(ran.outputs["out"][0]["steps"], json!(2), "{:?}", ran.error);
+    // The agent loop runs here: the model's tool call runs the built-in component, whose
+    // result goes back to the model.
+    let config = json!({ "tools": [{ "name": "total", "description": "Order total", "component_type": "transform.map", "component_config": { "expression": ".price * .qty" } }] });
+    let ran = through_ai(ai.clone(), "ai.agent", config, json!("what is the total?"), 0).await;
+    let answer = &ran.outputs["out"][0];
+    assert_eq!(answer["text"], "echo: 12", "{:?}", ran.error);
+    assert_eq!((answer["steps"].clone(), answer["usage"]["total_tokens"].clone()), (json!(1), json!(12)));
 
     let config = json!({ "path": "review", "kinds": ["sentiment"] });
     let ran = through_ai(ai.clone(), "ai.analyze", config, json!({ "id": 1, "review": "Lovely" }), 0).await;
@@ -916,8 +935,9 @@ async fn ai_nodes_ask_the_ai_service() {
     assert_eq!(
         *ai.asked.lock().unwrap(),
         [
-            r#"chat ["Be brief.", "Greet Ada"] tools [] run_tools false"#,
-            r#"chat ["find it"] tools ["lookup"] run_tools true"#,
+            r#"chat ["Be brief.", "Greet Ada"] tools [] node node"#,
+            r#"chat ["what is the total?"] tools ["total"] node node"#,
+            r#"chat ["what is the total?", "", "12"] tools ["total"] node node"#,
             "analyze Lovely kinds [1]",
             "code add two numbers in python",
         ]
