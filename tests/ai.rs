@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_PASSWORD, Running, channel, create_admin, env_vars, login, new_designer};
+use common::{ADMIN_PASSWORD, Running, channel, create_admin, env_vars, http_get, login, new_designer};
 use csp_proto::{
     ai::v1::{self as ai, ai_service_client::AiServiceClient},
     auth::v1::{self as auth, auth_service_client::AuthServiceClient},
@@ -140,6 +140,16 @@ async fn an_ai_design_runs_and_its_usage_is_attributed(env: TestEnv) {
     let request = ai::GetUsageRequest { group_by: ai::UsageGrouping::Execution as i32, ..Default::default() };
     let mine = ai.get_usage(authed(request, &token)).await.unwrap().into_inner();
     assert_eq!(mine.totals[0].key, execution.id, "the designer's own usage holds the run");
+
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    for line in [
+        r#"csp_ai_requests_total{provider="offline",model="offline-1",outcome="ok"} 2"#,
+        r#"csp_ai_tokens_total{provider="offline",model="offline-1",kind="prompt"}"#,
+        r#"csp_ai_cost_total{provider="offline",model="offline-1"}"#,
+        "csp_ai_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(line), "{line} is not on /metrics");
+    }
 }
 
 csp_testkit::backend_tests!(an_ai_design_runs_and_its_usage_is_attributed);

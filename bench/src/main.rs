@@ -16,6 +16,8 @@
 //! - `collab`: 100 clients moving their cursors on one design over two collaboration replicas
 //!   on PostgreSQL + Redis, with edits committed meanwhile: cursor and edit delivery latency,
 //!   events delivered, coalesced and dropped (see `collab.rs`).
+//! - `ai`: the AI service's own latency over calling a provider directly, at 200 and 1,000
+//!   chats a second, and over a stream's first token (see `ai.rs`).
 
 #![allow(clippy::print_stdout)]
 
@@ -29,13 +31,14 @@ use csp_platform::{
     auth::{Claims, Role, TOKEN_AUDIENCE, TOKEN_ISSUER, Verifier, now_millis},
 };
 
+mod ai;
 mod collab;
 mod design;
 mod executions;
 mod runtime;
 
 const WORKLOADS: &[&str] =
-    &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency", "executions", "collab"];
+    &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency", "executions", "collab", "ai"];
 
 /// See the workspace's Cargo.toml: messages cross worker threads.
 #[global_allocator]
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             "latency" => runtime::latency()?,
             "executions" => executions::run()?,
             "collab" => collab::run()?,
+            "ai" => ai::run()?,
             _ => unreachable!(),
         }
     }

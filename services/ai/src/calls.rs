@@ -243,7 +243,7 @@ impl Engine {
     }
 
     /// A reply, its usage recorded and settled.
-    pub(crate) async fn complete(&self, mut call: Call) -> Result<Answer, Error> {
+    pub(crate) async fn complete(self: &Arc<Self>, mut call: Call) -> Result<Answer, Error> {
         let started = Instant::now();
         let (chain, prompt, reservation) = self.prepare(&mut call).await?;
         let outcome = self
@@ -299,7 +299,7 @@ impl Engine {
 
     #[allow(clippy::too_many_arguments)]
     async fn done(
-        &self,
+        self: &Arc<Self>,
         who: Attribution,
         operation: Operation,
         reservation: Reservation,
@@ -313,7 +313,6 @@ impl Engine {
     ) {
         let duration = started.elapsed();
         count(route, outcome, tokens, cost_usd, duration);
-        self.limits.settle(reservation, tokens.total(), cost_usd).await;
         let record = Record {
             who,
             operation,
@@ -325,7 +324,11 @@ impl Engine {
             duration,
             first_token,
         };
+        // The record joins the next batch (queued at once, so a later GetUsage sees it);
+        // settling waits for nobody: the reservation holds the worst case until then.
         self.usage.record(record).await;
+        let engine = self.clone();
+        tokio::spawn(async move { engine.limits.settle(reservation, tokens.total(), cost_usd).await });
     }
 
     /// A reply as it is generated. Usage is recorded once the stream ends — completed, broken

@@ -273,6 +273,9 @@ async fn bad_input_gets_clear_statuses(env: TestEnv) {
     unknown.model = "gpt-99".into();
     assert_eq!(fields(&call(unknown).await), ["model"]);
     assert_eq!(fields(&call(chat(vec![])).await), ["messages"]);
+    // Beyond the server's message limit: refused before it is read, clearly.
+    let ten = call(chat(vec![user(&"x".repeat(10 * 1024 * 1024))])).await;
+    assert!(matches!(ten.code(), Code::OutOfRange | Code::ResourceExhausted), "{ten:?}");
     let huge = call(chat(vec![user(&"x".repeat(2 * 1024 * 1024))])).await;
     assert_eq!((huge.code(), fields(&huge)), (Code::InvalidArgument, vec!["messages".to_owned()]));
     assert!(huge.message().len() < 300);

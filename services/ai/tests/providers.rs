@@ -169,6 +169,7 @@ async fn openai_replies_streams_and_errors(env: TestEnv) {
         openai_error(400, "This model's maximum context length is 8192 tokens", "context_length_exceeded"),
         Answer::Json(429, vec![("retry-after", "120".into())], json!({ "error": { "message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded" } })),
         Answer::Sse((0..60).map(|i| openai_chunk(json!({ "content": format!("word{i} ") }), None)).collect(), false),
+        Answer::Sse(vec![openai_chunk(json!({ "content": "fine so far" }), None), ("", "{not json".into())], false),
     ])
     .await;
     let anthropic = Upstream::start(vec![]).await;
@@ -282,6 +283,13 @@ async fn openai_replies_streams_and_errors(env: TestEnv) {
         assert!(Instant::now() < deadline, "an abandoned stream left no usage record");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A malformed event ends the stream with a clear status.
+    let (text, _, done) = streamed(&h, &ada, chat(vec![user("hi")])).await;
+    assert_eq!(text, "fine so far");
+    let status = done.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("could not be read"), "{}", status.message());
 }
 
 /// 429s are retried after their Retry-After; one that asks too long a wait hands over to the
