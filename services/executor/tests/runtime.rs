@@ -723,6 +723,18 @@ mod remote {
         p
     }
 
+    /// An agent's tool served at a remote endpoint: called once per tool call, its answer fed
+    /// back to the model.
+    #[tokio::test]
+    async fn agent_tools_can_be_remote_components() {
+        let addr = serve().await;
+        let ai = std::sync::Arc::new(FakeAi::default());
+        let config = json!({ "tools": [{ "name": "count", "description": "Counts attempts", "remote_address": format!("http://{addr}") }] });
+        let ran = through_ai(ai.clone(), "ai.agent", config, json!("count it"), 0).await;
+        assert_eq!(ran.ending, Ending::Succeeded, "{:?}", ran.error);
+        assert_eq!(ran.outputs["out"][0]["text"], r#"echo: {"attempts":1,"id":null}"#);
+    }
+
     #[tokio::test]
     async fn remote_components_retry_with_back_off_and_time_out() {
         let addr = serve().await;
