@@ -14,7 +14,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use csp_bus::RedisBus;
 use csp_platform::{Settings, auth::Role, server::bind};
 use csp_proto::{
     collab::v1::{self as pb, collaboration_service_client::CollaborationServiceClient},
@@ -34,8 +33,8 @@ const RUN_FOR: Duration = Duration::from_secs(10);
 pub(crate) fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let (env, redis) = crate::external_env().await;
-        let outcome = measure(&env, &redis).await;
+        let env = crate::external_env().await;
+        let outcome = measure(&env).await;
         env.teardown().await;
         outcome
     })
@@ -54,7 +53,7 @@ struct Seen {
     resyncs: u64,
 }
 
-async fn measure(env: &TestEnv, redis: &str) -> anyhow::Result<()> {
+async fn measure(env: &TestEnv) -> anyhow::Result<()> {
     let issuer = TestIssuer::start().await;
     let mut settings: Settings = env.settings();
     issuer.point(&mut settings);
@@ -71,11 +70,8 @@ async fn measure(env: &TestEnv, redis: &str) -> anyhow::Result<()> {
     tokio::spawn(design.run_until_stopped(stop.clone().cancelled_owned()));
     let mut replicas = Vec::new();
     for _ in 0..REPLICAS {
-        let bus =
-            RedisBus::connect(&redis.to_owned().into(), &settings.redis.key_prefix, Duration::from_secs(5))
-                .await?;
         let listener = bind("collab", "127.0.0.1:0".parse()?).await?;
-        let app = csp_collab::Application::with_listener(&settings, Arc::new(bus), listener).await?;
+        let app = csp_collab::Application::with_listener(&settings, env.own_bus().await, listener).await?;
         replicas.push(app.local_addr());
         tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
     }

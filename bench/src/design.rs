@@ -25,7 +25,7 @@ const RUN_FOR: Duration = Duration::from_secs(5);
 pub(crate) fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let (env, _) = crate::external_env().await;
+        let env = crate::external_env().await;
         let outcome = measure(&env).await;
         env.teardown().await;
         outcome

@@ -33,7 +33,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         let outcome = measure(&env, "embedded").await;
         env.teardown().await;
         outcome?;
-        let (env, _) = crate::external_env().await;
+        let env = crate::external_env().await;
         let outcome = measure(&env, "PostgreSQL + Redis").await;
         env.teardown().await;
         outcome

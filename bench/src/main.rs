@@ -72,13 +72,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// A database and key prefix of its own on the benchmark's PostgreSQL and Redis
-/// (`CSP_BENCH_DATABASE_URL`, `CSP_BENCH_REDIS_URL`; the local servers by default); the Redis
-/// URL too, for connections of its own.
-async fn external_env() -> (csp_testkit::TestEnv, String) {
+/// (`CSP_BENCH_DATABASE_URL`, `CSP_BENCH_REDIS_URL`; the local servers by default).
+async fn external_env() -> csp_testkit::TestEnv {
     let database = std::env::var("CSP_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let redis = std::env::var("CSP_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-    (csp_testkit::TestEnv::external_at(&database, &redis).await, redis)
+    csp_testkit::TestEnv::external_at(&database, &redis).await
 }
 
 /// Tokens verified per second on one thread: new tokens (signature checked), then one token

@@ -70,6 +70,24 @@ impl TestEnv {
         self.inner.bus.clone()
     }
 
+    /// A bus of its own for one more replica, as a separate process has: its own Redis
+    /// connections (same prefix) on the external backend; the shared in-process bus on the
+    /// embedded one (whose services share one process by design).
+    pub async fn own_bus(&self) -> SharedBus {
+        match &self.inner.redis {
+            None => self.bus(),
+            Some(_) => {
+                let settings = &self.inner.settings;
+                let url = settings.redis.url.clone().unwrap();
+                Arc::new(
+                    RedisBus::connect(&url, &settings.redis.key_prefix, std::time::Duration::from_secs(5))
+                        .await
+                        .unwrap(),
+                )
+            }
+        }
+    }
+
     /// The environment's folder for files.
     pub fn dir(&self) -> &std::path::Path {
         self.inner._dir.path()

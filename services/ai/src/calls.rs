@@ -274,27 +274,36 @@ impl Engine {
                 .await;
                 Ok(Answer { reply, tokens, cost_usd, route })
             }
-            Err(error) => {
-                let code = match &error {
-                    Error::Provider { error, .. } => error.code(),
-                    _ => "not_configured",
-                };
-                self.done(
-                    call.who,
-                    call.operation,
-                    reservation,
-                    &call.route,
-                    Tokens::default(),
-                    0.0,
-                    "failed",
-                    code,
-                    started,
-                    None,
-                )
-                .await;
-                Err(error)
-            }
+            Err(error) => Err(self.failed(call, reservation, started, error).await),
         }
+    }
+
+    /// Records a call no provider answered (nothing billed) and gives its error back.
+    async fn failed(
+        self: &Arc<Self>,
+        call: Call,
+        reservation: Reservation,
+        started: Instant,
+        error: Error,
+    ) -> Error {
+        let code = match &error {
+            Error::Provider { error, .. } => error.code(),
+            _ => "not_configured",
+        };
+        self.done(
+            call.who,
+            call.operation,
+            reservation,
+            &call.route,
+            Tokens::default(),
+            0.0,
+            "failed",
+            code,
+            started,
+            None,
+        )
+        .await;
+        error
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -349,26 +358,7 @@ impl Engine {
             .await;
         let (pieces, route) = match opened {
             Ok(opened) => opened,
-            Err(error) => {
-                let code = match &error {
-                    Error::Provider { error, .. } => error.code(),
-                    _ => "not_configured",
-                };
-                self.done(
-                    call.who,
-                    call.operation,
-                    reservation,
-                    &call.route,
-                    Tokens::default(),
-                    0.0,
-                    "failed",
-                    code,
-                    started,
-                    None,
-                )
-                .await;
-                return Err(error);
-            }
+            Err(error) => return Err(self.failed(call, reservation, started, error).await),
         };
         let guard = StreamGuard {
             engine: self.clone(),

@@ -12,17 +12,17 @@ use std::{
 };
 
 use bytes::Bytes;
-use csp_bus::{RedisBus, SharedBus};
+
 use csp_platform::{Settings, auth::Role, server::bind};
 use csp_proto::{
     ai::v1::{self as pb, ai_service_client::AiServiceClient},
     design::v1::{self as dpb, design_service_client::DesignServiceClient},
 };
-use csp_testkit::{Backend, TestEnv, TestIssuer, authed};
+use csp_testkit::{TestEnv, TestIssuer, authed};
 use futures::StreamExt as _;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use secrecy::ExposeSecret as _;
+
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -47,27 +47,6 @@ pub async fn connect(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
 }
 
-/// A bus of its own for a replica: its own Redis connections on Redis, the shared in-process
-/// bus otherwise.
-pub async fn replica_bus(env: &TestEnv) -> SharedBus {
-    match env.backend() {
-        Backend::Embedded => env.bus(),
-        Backend::External => {
-            let settings = env.settings();
-            let url = settings.redis.url.unwrap();
-            Arc::new(
-                RedisBus::connect(
-                    &secrecy::SecretString::from(url.expose_secret().to_owned()),
-                    &settings.redis.key_prefix,
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap(),
-            )
-        }
-    }
-}
-
 /// Starts a registry, the design service and `replicas` AI replicas.
 pub async fn start(env: &TestEnv, replicas: usize, tweak: impl FnOnce(&mut Settings)) -> Harness {
     let issuer = TestIssuer::start().await;
@@ -87,8 +66,7 @@ pub async fn start(env: &TestEnv, replicas: usize, tweak: impl FnOnce(&mut Setti
     let mut clients = Vec::new();
     for _ in 0..replicas {
         let listener = bind("ai", "127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let app =
-            csp_ai::Application::with_listener(&settings, replica_bus(env).await, listener).await.unwrap();
+        let app = csp_ai::Application::with_listener(&settings, env.own_bus().await, listener).await.unwrap();
         let addr = app.local_addr();
         tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
         clients.push(AiServiceClient::new(connect(addr).await));

@@ -3,9 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use csp_bus::{RedisBus, SharedBus};
 use csp_platform::{Settings, auth::Role, server::bind};
 use csp_proto::{
     collab::v1::{self as pb, collaboration_service_client::CollaborationServiceClient},
@@ -13,8 +12,8 @@ use csp_proto::{
     executor::v1::executor_service_client::ExecutorServiceClient,
     json,
 };
-use csp_testkit::{Backend, TestEnv, TestIssuer, authed};
-use secrecy::ExposeSecret as _;
+use csp_testkit::{TestEnv, TestIssuer, authed};
+
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, transport::Channel};
@@ -48,26 +47,6 @@ impl Drop for Harness {
 
 pub async fn connect(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
-}
-
-/// A bus of its own for a replica, as a separate process has: its own Redis connections on
-/// Redis; the shared in-process bus otherwise.
-pub async fn replica_bus(env: &TestEnv) -> SharedBus {
-    match env.backend() {
-        Backend::Embedded => env.bus(),
-        Backend::External => {
-            let settings = env.settings();
-            let url = settings.redis.url.unwrap();
-            let bus = RedisBus::connect(
-                &secrecy::SecretString::from(url.expose_secret().to_owned()),
-                &settings.redis.key_prefix,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-            Arc::new(bus)
-        }
-    }
 }
 
 /// Starts a registry, the design service, an executor and `replicas` collaboration replicas.
@@ -116,8 +95,7 @@ pub async fn start(env: &TestEnv, replicas: usize, tweak: impl FnOnce(&mut Setti
 pub async fn start_replica(env: &TestEnv, settings: &Settings) -> Replica {
     let stop = CancellationToken::new();
     let listener = bind("collab", "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let app =
-        csp_collab::Application::with_listener(settings, replica_bus(env).await, listener).await.unwrap();
+    let app = csp_collab::Application::with_listener(settings, env.own_bus().await, listener).await.unwrap();
     let addr = app.local_addr();
     tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
     Replica { client: CollaborationServiceClient::new(connect(addr).await), addr, stop }
