@@ -106,6 +106,24 @@ impl NewEvent {
     }
 }
 
+/// The header that seals a stream (see [`NewEvent::sealing`]).
+pub const SEALED_HEADER: &str = "sealed";
+
+impl NewEvent {
+    /// Marks this event as its stream's last: while it is the newest event of its stream,
+    /// guarded appends ([`Append::unless_sealed`]) to the stream are refused with
+    /// [`BusError::Sealed`]. An execution's final status seals its stream, so that however
+    /// many replicas believe they finished it, one final status lands.
+    pub fn sealing(self) -> Self {
+        self.header(SEALED_HEADER, "1")
+    }
+
+    /// Whether this event seals its stream.
+    pub fn seals(&self) -> bool {
+        self.headers.contains_key(SEALED_HEADER)
+    }
+}
+
 /// Events to append to one stream, for [`EventBus::append_many`].
 #[derive(Debug, Clone)]
 pub struct Append {
@@ -115,13 +133,38 @@ pub struct Append {
     pub events: Vec<NewEvent>,
     /// Trim the stream to at most this many events afterwards.
     pub cap: Option<u64>,
+    /// Refuse the whole call if the stream is sealed (its newest event seals it).
+    pub guarded: bool,
 }
 
 impl Append {
     /// `events` for `stream`, trimmed to `cap` when given.
     pub fn new(stream: impl Into<String>, events: Vec<NewEvent>, cap: Option<u64>) -> Self {
-        Self { stream: stream.into(), events, cap }
+        Self { stream: stream.into(), events, cap, guarded: false }
     }
+
+    /// Refuses the whole [`EventBus::append_many`] call, appending nothing anywhere, when
+    /// this stream is sealed: it fails with [`BusError::Sealed`].
+    pub fn unless_sealed(mut self) -> Self {
+        self.guarded = true;
+        self
+    }
+}
+
+/// An entry of a consumer group held by one consumer: appends made on condition that it
+/// still is ([`EventBus::append_held`]). A job's events are published this way, so that a
+/// replica that lost the job (paused past its lease while another took it over) cannot
+/// publish any more of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The group's stream.
+    pub stream: String,
+    /// The group.
+    pub group: String,
+    /// The consumer that must hold the entry.
+    pub consumer: String,
+    /// The entry.
+    pub id: EventId,
 }
 
 /// An event read from a stream.
@@ -160,6 +203,16 @@ pub enum GroupStart {
     End,
 }
 
+/// How much work a consumer group has: entries not delivered yet, and delivered but not
+/// acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Entries never delivered to the group.
+    pub waiting: u64,
+    /// Entries delivered and not acknowledged.
+    pub pending: u64,
+}
+
 /// Summary of a consumer group's pending entries.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PendingSummary {
@@ -192,6 +245,21 @@ pub enum BusError {
         stream: String,
         /// The group.
         group: String,
+    },
+    /// The entry an append was conditioned on is no longer held by the consumer (see
+    /// [`EventBus::append_held`]); nothing was appended.
+    #[error("entry {id} of {stream} is no longer held by this consumer")]
+    NotHeld {
+        /// The group's stream.
+        stream: String,
+        /// The entry.
+        id: EventId,
+    },
+    /// A guarded append met a sealed stream (see [`NewEvent::sealing`]); nothing was appended.
+    #[error("{stream} is sealed: it takes no more events")]
+    Sealed {
+        /// The sealed stream.
+        stream: String,
     },
     /// The bus could not be reached or answered wrongly.
     #[error("event bus unavailable: {0}")]
@@ -314,6 +382,11 @@ pub trait EventBus: Counters + Rosters {
         Ok(ids)
     }
 
+    /// Like [`append_many`](Self::append_many), on condition that `holder` still holds its
+    /// entry, checked atomically with the appends: fails with [`BusError::NotHeld`] (and
+    /// appends nothing) when another consumer has taken it over or it was acknowledged.
+    async fn append_held(&self, holder: &Holder, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>>;
+
     /// Up to `limit` events strictly after `after`; `None` reads from the oldest event kept.
     /// Fails with [`BusError::Truncated`] when events after `after` were trimmed away.
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>>;
@@ -350,6 +423,17 @@ pub trait EventBus: Counters + Rosters {
     /// Acknowledges events: they are no longer pending. Returns how many were pending.
     async fn ack(&self, stream: &str, group: &str, ids: &[EventId]) -> Result<u64>;
 
+    /// Acknowledges those of `ids` still pending for `consumer`, atomically with the check:
+    /// an entry another consumer has taken over stays pending for it. Returns how many were
+    /// acknowledged.
+    async fn ack_held(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64>;
+
+    /// Gives back those of `ids` still pending for `consumer`: they stay pending, but are
+    /// idle from now on, so the next [`claim_idle`](Self::claim_idle) of any consumer takes
+    /// them whatever its idle time. Their delivery counts are kept (the next claim adds one).
+    /// Returns how many were given back.
+    async fn release(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64>;
+
     /// Takes over up to `limit` events pending (for any consumer) for at least `min_idle`,
     /// making them pending for `consumer`. Entries trimmed from the stream are dropped.
     async fn claim_idle(
@@ -363,11 +447,20 @@ pub trait EventBus: Counters + Rosters {
 
     /// Renews `consumer`'s hold on pending entries: their idle time restarts, so
     /// [`claim_idle`](Self::claim_idle) leaves them alone. Entries another consumer has taken
-    /// over are not taken back. Returns how many `consumer` still holds.
-    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64>;
+    /// over are not taken back. Returns those of `ids` `consumer` still holds.
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId])
+    -> Result<Vec<EventId>>;
 
     /// The group's pending entries, per consumer.
     async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary>;
+
+    /// The group's backlog: entries not delivered yet and entries pending.
+    async fn backlog(&self, stream: &str, group: &str) -> Result<Backlog>;
+
+    /// Housekeeping of a queue read by one group: removes the entries every consumer is done
+    /// with (older than the oldest pending or undelivered one), and forgets consumers that
+    /// hold nothing and have not read for `idle`. Returns how many entries were removed.
+    async fn compact(&self, stream: &str, group: &str, idle: Duration) -> Result<u64>;
 
     /// Checks the bus answers.
     async fn ping(&self) -> Result<()>;

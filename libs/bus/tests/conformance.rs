@@ -373,17 +373,144 @@ async fn a_touched_lease_is_not_claimed_and_a_claimed_one_not_touched_back(env: 
 
     // Renewed before it idles: nobody can take it.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(bus.touch("leases", "w", "owner", &ids).await.unwrap(), 2);
+    assert_eq!(bus.touch("leases", "w", "owner", &ids).await.unwrap(), ids);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(bus.claim_idle("leases", "w", "other", idle, 10).await.unwrap().is_empty(), "renewed 200 ms ago");
 
     // Left to idle, it is taken over, and the old owner's renewal no longer holds it.
     tokio::time::sleep(idle).await;
     assert_eq!(bus.claim_idle("leases", "w", "other", idle, 10).await.unwrap().len(), 2);
-    assert_eq!(bus.touch("leases", "w", "owner", &ids).await.unwrap(), 0);
+    assert!(bus.touch("leases", "w", "owner", &ids).await.unwrap().is_empty());
     let pending = bus.pending("leases", "w").await.unwrap();
     assert_eq!(pending.consumers.get("other"), Some(&2));
     assert!(matches!(bus.touch("nothing", "w", "owner", &ids).await, Err(BusError::NoGroup { .. })));
+
+    // The old owner's acknowledgement is refused: the entries stay the new owner's.
+    assert_eq!(bus.ack_held("leases", "w", "owner", &ids).await.unwrap(), 0);
+    assert_eq!(bus.pending("leases", "w").await.unwrap().count, 2);
+    assert_eq!(bus.ack_held("leases", "w", "other", &ids[..1]).await.unwrap(), 1);
+    assert_eq!(bus.touch("leases", "w", "other", &ids).await.unwrap(), ids[1..]);
+}
+
+/// A released entry is claimable at once by anyone, whatever their idle time, with its
+/// delivery count kept; only its holder can release it.
+async fn a_released_entry_is_claimed_at_once(env: TestEnv) {
+    let bus = env.bus();
+    bus.create_group("handover", "w", GroupStart::Beginning).await.unwrap();
+    append_n(&bus, "handover", 0..3).await;
+    let held = bus.read_group("handover", "w", "leaving", 3, Duration::ZERO).await.unwrap();
+    let ids: Vec<EventId> = held.iter().map(|d| d.event.id).collect();
+    let lease = Duration::from_secs(3600);
+    assert!(bus.claim_idle("handover", "w", "staying", lease, 10).await.unwrap().is_empty());
+
+    assert_eq!(bus.release("handover", "w", "someone-else", &ids).await.unwrap(), 0);
+    assert_eq!(bus.release("handover", "w", "leaving", &ids[..2]).await.unwrap(), 2);
+    let claimed = bus.claim_idle("handover", "w", "staying", lease, 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|d| d.event.id).collect::<Vec<_>>(), ids[..2]);
+    assert!(claimed.iter().all(|d| d.deliveries == 2), "one more delivery each: {claimed:?}");
+    // Claimed, they are held (not idle) again; the third was never released.
+    assert!(bus.claim_idle("handover", "w", "third", lease, 10).await.unwrap().is_empty());
+    assert_eq!(bus.pending("handover", "w").await.unwrap().consumers.get("leaving"), Some(&1));
+}
+
+/// A sealed stream refuses guarded appends — the whole call, every stream of it — until
+/// something unguarded is appended after the seal.
+async fn a_sealed_stream_refuses_guarded_appends(env: TestEnv) {
+    let bus = env.bus();
+    let guarded =
+        |stream: &str, events: Vec<NewEvent>| Append::new(stream, events, Some(100)).unless_sealed();
+    bus.append_many(vec![guarded("run", vec![payload(0), payload(1)])]).await.unwrap();
+    let sealed = bus
+        .append_many(vec![
+            guarded("run", vec![payload(2), payload(3).sealing()]),
+            Append::new("all", vec![payload(3)], None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(sealed[0].len(), 2);
+
+    // A second "last" event: refused, and its companion append on another stream too.
+    let again = bus
+        .append_many(vec![
+            guarded("run", vec![payload(4).sealing()]),
+            Append::new("all", vec![payload(4)], None),
+        ])
+        .await;
+    assert!(matches!(&again, Err(BusError::Sealed { stream }) if stream == "run"), "{again:?}");
+    assert_eq!(numbers(&bus.read("run", None, 10).await.unwrap()), [0, 1, 2, 3]);
+    assert_eq!(numbers(&bus.read("all", None, 10).await.unwrap()), [3]);
+    let events = bus.read("run", None, 10).await.unwrap();
+    assert!(events[3].headers.contains_key(csp_bus::SEALED_HEADER));
+
+    // Unguarded appends still land (other streams are unaffected by the seal).
+    bus.append_many(vec![guarded("other", vec![payload(9)])]).await.unwrap();
+    bus.append("run", payload(5), None).await.unwrap();
+    bus.append_many(vec![guarded("run", vec![payload(6)])]).await.unwrap();
+    assert_eq!(numbers(&bus.read("run", None, 10).await.unwrap()), [0, 1, 2, 3, 5, 6]);
+}
+
+/// Appends conditioned on holding a group's entry land while it is held, and are refused —
+/// every stream of the call — once another consumer has claimed it or it was acknowledged.
+async fn appends_of_a_holder_stop_when_it_loses_its_entry(env: TestEnv) {
+    let bus = env.bus();
+    bus.create_group("jobs", "w", GroupStart::Beginning).await.unwrap();
+    append_n(&bus, "jobs", 0..1).await;
+    let job = bus.read_group("jobs", "w", "first", 1, Duration::ZERO).await.unwrap().remove(0);
+    let holder = |consumer: &str| csp_bus::Holder {
+        stream: "jobs".into(),
+        group: "w".into(),
+        consumer: consumer.into(),
+        id: job.event.id,
+    };
+    let events =
+        |i| vec![Append::new("run", vec![payload(i)], None), Append::new("runs", vec![payload(i)], None)];
+    bus.append_held(&holder("first"), events(0)).await.unwrap();
+    let refused = bus.append_held(&holder("second"), events(1)).await;
+    assert!(matches!(refused, Err(BusError::NotHeld { .. })), "{refused:?}");
+
+    // Taken over: the first holder's appends are refused, the new one's land.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(bus.claim_idle("jobs", "w", "second", Duration::from_millis(100), 1).await.unwrap().len(), 1);
+    let refused = bus.append_held(&holder("first"), events(2)).await;
+    assert!(matches!(refused, Err(BusError::NotHeld { .. })), "{refused:?}");
+    bus.append_held(&holder("second"), events(3)).await.unwrap();
+    // Acknowledged: nobody holds it.
+    bus.ack("jobs", "w", &[job.event.id]).await.unwrap();
+    assert!(bus.append_held(&holder("second"), events(4)).await.is_err());
+    assert_eq!(numbers(&bus.read("run", None, 10).await.unwrap()), [0, 3]);
+    assert_eq!(numbers(&bus.read("runs", None, 10).await.unwrap()), [0, 3]);
+    let no_group = csp_bus::Holder { group: "none".into(), ..holder("second") };
+    assert!(matches!(bus.append_held(&no_group, events(5)).await, Err(BusError::NotHeld { .. })));
+}
+
+/// The backlog counts what waits and what is pending; compacting removes only what every
+/// consumer is done with.
+async fn a_queue_reports_its_backlog_and_compacts(env: TestEnv) {
+    let bus = env.bus();
+    bus.create_group("queue", "w", GroupStart::Beginning).await.unwrap();
+    append_n(&bus, "queue", 0..10).await;
+    assert_eq!(bus.backlog("queue", "w").await.unwrap(), csp_bus::Backlog { waiting: 10, pending: 0 });
+    let taken = bus.read_group("queue", "w", "c", 4, Duration::ZERO).await.unwrap();
+    assert_eq!(bus.backlog("queue", "w").await.unwrap(), csp_bus::Backlog { waiting: 6, pending: 4 });
+    // Acknowledge the 1st, 2nd and 4th: the 3rd still pends, so only two can go.
+    let ids: Vec<EventId> = taken.iter().map(|d| d.event.id).collect();
+    bus.ack("queue", "w", &[ids[0], ids[1], ids[3]]).await.unwrap();
+    assert_eq!(bus.compact("queue", "w", Duration::from_secs(3600)).await.unwrap(), 2);
+    assert_eq!(bus.len("queue").await.unwrap(), 8);
+    assert_eq!(bus.backlog("queue", "w").await.unwrap(), csp_bus::Backlog { waiting: 6, pending: 1 });
+    bus.ack("queue", "w", &[ids[2]]).await.unwrap();
+    assert_eq!(bus.compact("queue", "w", Duration::from_secs(3600)).await.unwrap(), 2);
+    // What was never delivered stays, and is still delivered.
+    let rest = bus.read_group("queue", "w", "c", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(numbers(&rest.iter().map(|d| d.event.clone()).collect::<Vec<_>>()), [4, 5, 6, 7, 8, 9]);
+    let ids: Vec<EventId> = rest.iter().map(|d| d.event.id).collect();
+    bus.ack("queue", "w", &ids).await.unwrap();
+    assert_eq!(bus.compact("queue", "w", Duration::ZERO).await.unwrap(), 6);
+    assert_eq!(bus.backlog("queue", "w").await.unwrap(), csp_bus::Backlog { waiting: 0, pending: 0 });
+    // New entries after a full compaction are delivered as usual.
+    append_n(&bus, "queue", 10..12).await;
+    assert_eq!(bus.backlog("queue", "w").await.unwrap(), csp_bus::Backlog { waiting: 2, pending: 0 });
+    assert!(matches!(bus.backlog("no-queue", "w").await, Err(BusError::NoGroup { .. })));
 }
 
 async fn deleting_a_stream_removes_it(env: TestEnv) {
@@ -485,6 +612,10 @@ async fn reservations_never_pass_a_limit(env: TestEnv) {
 }
 
 csp_testkit::backend_tests!(
+    appends_of_a_holder_stop_when_it_loses_its_entry,
+    a_released_entry_is_claimed_at_once,
+    a_sealed_stream_refuses_guarded_appends,
+    a_queue_reports_its_backlog_and_compacts,
     reservations_never_pass_a_limit,
     counters_count_within_a_fixed_window,
     concurrent_hits_are_all_counted,

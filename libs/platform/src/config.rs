@@ -662,6 +662,13 @@ pub struct ExecutorSettings {
     /// presumed dead, and another replica reruns the execution.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// How long a stopping replica (SIGTERM) lets its running executions finish; the rest it
+    /// hands back to the other replicas, which rerun them at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Deliveries of one job after which it is given up: its execution ends FAILED and the
+    /// job is dead-lettered (a design that crashes its replica, a plan that cannot be read).
+    pub max_deliveries: u64,
     /// The longest an execution may run (its default deadline, and the largest one allowed).
     #[serde(with = "humantime_serde")]
     pub max_duration: Duration,
@@ -683,6 +690,8 @@ impl Default for ExecutorSettings {
         Self {
             max_concurrent: 64,
             lease: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(20),
+            max_deliveries: 5,
             max_duration: Duration::from_secs(3600),
             events_kept: 100_000,
             max_recorded_messages: 100_000,
@@ -996,6 +1005,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "executor.lease",
                 message: "must be at least 1s".into(),
+            });
+        }
+        if executor.max_deliveries < 2 {
+            return Err(ConfigError::Invalid {
+                key: "executor.max_deliveries",
+                message: "must be at least 2 (a job is delivered again when its replica dies)".into(),
             });
         }
         let collab = &self.collab;

@@ -7,9 +7,11 @@
 //! (SQLite). Its health (`grpc.health.v1`, `GET /health`) follows its database and the event
 //! bus. Jobs travel on the bus stream `executor:jobs` (consumer group `executors`), commands to
 //! running executions on `executor:control`, events on `execution:<id>` (status changes also on
-//! `executions-of:<design id>`, for collaborators); see README.md.
+//! `executions-of:<design id>`, for collaborators); see README.md. Stopped (SIGTERM), it drains:
+//! no more jobs, running executions may finish within `executor.drain_timeout`, the rest go
+//! back to the other replicas at once.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use csp_bus::SharedBus;
 use csp_platform::{
@@ -57,9 +59,17 @@ pub enum Error {
     Queue(#[from] error::Error),
 }
 
-/// The service, bound and ready to serve.
+/// The service, bound and ready to serve. Its workers stop with it (or when it is dropped).
 pub struct Application {
-    server: GrpcServer,
+    /// Taken when it runs.
+    server: Option<GrpcServer>,
+    executor: Arc<executions::Executor>,
+}
+
+impl Drop for Application {
+    fn drop(&mut self) {
+        self.executor.stop_workers();
+    }
 }
 
 impl Application {
@@ -79,7 +89,7 @@ impl Application {
         let db = csp_store::open::<migration::Migrator>(settings, SERVICE).await?;
         let executor = executions::Executor::new(db.conn().clone(), bus.clone(), settings)?;
         executor.spawn_workers().await?;
-        let api = ExecutorServiceServer::new(grpc::ExecutorApi::new(executor))
+        let api = ExecutorServiceServer::new(grpc::ExecutorApi::new(executor.clone()))
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
         let verifier = csp_bus::revocations::remote_verifier(settings, bus.clone())?;
@@ -87,17 +97,35 @@ impl Application {
             .with_dependencies(Dependencies::new().with(db.probe()).with(csp_bus::probe(bus)))
             .with_auth(AuthLayer::optional(verifier))
             .add_service(api);
-        Ok(Self { server })
+        Ok(Self { server: Some(server), executor })
     }
 
     /// The address the service listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
+        self.server.as_ref().map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), GrpcServer::local_addr)
     }
 
-    /// Serves until `shutdown` completes, then drains.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-        self.server.serve(shutdown).await?;
+    /// Serves until `shutdown` completes, then drains: the server its calls, the worker its
+    /// executions (see [`executions`]), side by side.
+    pub async fn run_until_stopped(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let executor = self.executor.clone();
+        let Some(server) = self.server.take() else { return Ok(()) };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = server.serve(async {
+            let _ = stopped.await;
+        });
+        tokio::pin!(served);
+        tokio::select! {
+            result = &mut served => {
+                executor.stop_workers();
+                result?;
+                return Ok(());
+            }
+            () = shutdown => {}
+        }
+        let _ = stop.send(());
+        let (result, ()) = tokio::join!(served, executor.drain());
+        result?;
         Ok(())
     }
 }

@@ -14,9 +14,15 @@ use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, TransactionTrait as _};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{entity::execution, repo, stored::Status};
+use crate::{
+    entity::execution,
+    repo::{self, Ended},
+    stored::Status,
+};
 
-/// One write; `write` answers whether it took effect (a row inserted or updated).
+/// One write; `write` answers whether it took effect (a row inserted or updated). Writes of
+/// a running execution name the attempt that makes them: a replica whose execution was taken
+/// over (a later attempt started) writes nothing more.
 #[derive(Debug, Clone)]
 pub(crate) enum Write {
     /// A new execution, unless one with its idempotency key exists.
@@ -24,20 +30,15 @@ pub(crate) enum Write {
     /// See [`repo::start`].
     Start { id: String, attempt: i32, at: DateTime<Utc> },
     /// See [`repo::set_live_status`].
-    Live { id: String, status: Status, paused_at: String },
+    Live { id: String, attempt: i32, status: Status, paused_at: String },
     /// See [`repo::set_nodes`].
-    Nodes { id: String, nodes: String },
+    Nodes { id: String, attempt: i32, nodes: String },
     /// See [`repo::finish`].
-    Finish {
-        id: String,
-        status: Status,
-        at: DateTime<Utc>,
-        outputs: String,
-        error: Option<String>,
-        nodes: String,
-    },
+    Finish { id: String, attempt: i32, ended: Box<Ended> },
     /// See [`repo::cancel_queued`].
     CancelQueued { id: String, at: DateTime<Utc>, error: String },
+    /// See [`repo::request_cancel`].
+    RequestCancel { id: String, reason: String },
 }
 
 impl Write {
@@ -48,7 +49,8 @@ impl Write {
             | Write::Live { id, .. }
             | Write::Nodes { id, .. }
             | Write::Finish { id, .. }
-            | Write::CancelQueued { id, .. } => id,
+            | Write::CancelQueued { id, .. }
+            | Write::RequestCancel { id, .. } => id,
         }
     }
 
@@ -56,12 +58,13 @@ impl Write {
         match self {
             Write::Insert(row) => repo::insert(db, row.as_ref().clone()).await,
             Write::Start { id, attempt, at } => repo::start(db, id, *attempt, *at).await,
-            Write::Live { id, status, paused_at } => repo::set_live_status(db, id, *status, paused_at).await,
-            Write::Nodes { id, nodes } => repo::set_nodes(db, id, nodes).await,
-            Write::Finish { id, status, at, outputs, error, nodes } => {
-                repo::finish(db, id, *status, *at, outputs, error.clone(), nodes).await
+            Write::Live { id, attempt, status, paused_at } => {
+                repo::set_live_status(db, id, *attempt, *status, paused_at).await
             }
+            Write::Nodes { id, attempt, nodes } => repo::set_nodes(db, id, *attempt, nodes).await,
+            Write::Finish { id, attempt, ended } => repo::finish(db, id, *attempt, ended).await,
             Write::CancelQueued { id, at, error } => repo::cancel_queued(db, id, *at, error).await,
+            Write::RequestCancel { id, reason } => repo::request_cancel(db, id, reason).await,
         }
     }
 }
@@ -178,18 +181,20 @@ mod tests {
             retry_from: None,
             paused_at: String::new(),
             idempotency_key: key.map(Into::into),
+            cancel_requested: None,
+            last_error: None,
         }
     }
 
-    fn finish(id: &str, status: Status, error: Option<&str>) -> Write {
-        Write::Finish {
-            id: id.into(),
+    fn finish(id: &str, attempt: i32, status: Status, error: Option<&str>) -> Write {
+        let ended = Ended {
             status,
             at: Utc::now(),
             outputs: format!(r#"{{"out":["{id}"]}}"#),
             error: error.map(Into::into),
             nodes: "[]".into(),
-        }
+        };
+        Write::Finish { id: id.into(), attempt, ended: Box::new(ended) }
     }
 
     /// A batch of mixed writes — one execution written several times, a duplicate idempotency
@@ -207,11 +212,11 @@ mod tests {
             Write::Insert(Box::new(row("e4", Some("k1")))),
             Write::CancelQueued { id: "e3".into(), at: now, error: "cancelled".into() },
             Write::Start { id: "e1".into(), attempt: 1, at: now },
-            Write::Start { id: "e2".into(), attempt: 2, at: now },
+            Write::Start { id: "e2".into(), attempt: 1, at: now },
             Write::Start { id: "e3".into(), attempt: 1, at: now },
-            finish("e1", Status::Succeeded, None),
-            finish("e2", Status::Failed, Some("broke")),
-            finish("e3", Status::Succeeded, None),
+            finish("e1", 1, Status::Succeeded, None),
+            finish("e2", 1, Status::Failed, Some("broke")),
+            finish("e3", 1, Status::Succeeded, None),
         ];
         let batch: Vec<&Write> = writes.iter().collect();
         let outcomes = commit(&db, &batch).await.unwrap();
@@ -222,7 +227,7 @@ mod tests {
         assert!(e1.started_at.is_some() && e1.finished_at.is_some());
         assert_eq!(e1.outputs, r#"{"out":["e1"]}"#);
         let e2 = repo::get(&db, "e2").await.unwrap().unwrap();
-        assert_eq!((e2.status.as_str(), e2.attempt, e2.error.as_deref()), ("failed", 2, Some("broke")));
+        assert_eq!((e2.status.as_str(), e2.attempt, e2.error.as_deref()), ("failed", 1, Some("broke")));
         let e3 = repo::get(&db, "e3").await.unwrap().unwrap();
         assert_eq!((e3.status.as_str(), e3.attempt, e3.outputs.as_str()), ("cancelled", 0, "{}"));
         assert!(repo::get(&db, "e4").await.unwrap().is_none(), "the second use of a key is refused");
@@ -236,7 +241,7 @@ mod tests {
                 let inserted = writer.write(Write::Insert(Box::new(row(id, None)))).await.unwrap();
                 let started =
                     writer.write(Write::Start { id: id.clone(), attempt: 1, at: now }).await.unwrap();
-                let finished = writer.write(finish(id, Status::Succeeded, None)).await.unwrap();
+                let finished = writer.write(finish(id, 1, Status::Succeeded, None)).await.unwrap();
                 (inserted, started, finished)
             }
         });
@@ -248,5 +253,53 @@ mod tests {
         }
     }
 
-    csp_testkit::backend_tests!(many_writes_in_one_batch_act_as_one_by_one);
+    /// Writes are fenced by attempt: once a later attempt has started (another replica took
+    /// the execution over), the earlier attempt's progress and finish take no effect; a cancel
+    /// stored with a queued execution keeps it from starting.
+    async fn writes_of_a_superseded_attempt_take_no_effect(env: TestEnv) {
+        let settings = env.settings();
+        let db = csp_store::open::<crate::migration::Migrator>(&settings, crate::SERVICE).await.unwrap();
+        let writer = Writer::start(db.conn().clone());
+        let now = Utc::now();
+        let write = |w: Write| {
+            let writer = writer.clone();
+            async move { writer.write(w).await.unwrap() }
+        };
+        assert!(write(Write::Insert(Box::new(row("run", None)))).await);
+        assert!(write(Write::Start { id: "run".into(), attempt: 1, at: now }).await);
+        assert!(
+            !write(Write::Start { id: "run".into(), attempt: 1, at: now }).await,
+            "attempt 1 started once"
+        );
+        assert!(write(Write::Nodes { id: "run".into(), attempt: 1, nodes: "[1]".into() }).await);
+        // Taken over: attempt 2.
+        assert!(write(Write::Start { id: "run".into(), attempt: 2, at: now }).await);
+        let stale =
+            Write::Live { id: "run".into(), attempt: 1, status: Status::Paused, paused_at: "n".into() };
+        assert!(!write(stale).await);
+        assert!(!write(Write::Nodes { id: "run".into(), attempt: 1, nodes: "[\"stale\"]".into() }).await);
+        assert!(!write(finish("run", 1, Status::Succeeded, None)).await, "the old owner cannot finish it");
+        assert!(write(finish("run", 2, Status::Failed, Some("second"))).await);
+        assert!(!write(finish("run", 2, Status::Succeeded, None)).await, "it ends once");
+        let row = repo::get(db.conn(), "run").await.unwrap().unwrap();
+        assert_eq!((row.status.as_str(), row.attempt, row.nodes.as_str()), ("failed", 2, "[]"));
+
+        assert!(write(Write::Insert(Box::new(super::tests::row("asked", None)))).await);
+        assert!(write(Write::RequestCancel { id: "asked".into(), reason: "by ada".into() }).await);
+        assert!(
+            !write(Write::Start { id: "asked".into(), attempt: 1, at: now }).await,
+            "cancelled: never started"
+        );
+        let cancels = repo::cancels_requested(db.conn(), &["asked".into(), "run".into()]).await.unwrap();
+        assert_eq!(cancels.into_iter().collect::<Vec<_>>(), [("asked".to_owned(), "by ada".to_owned())]);
+        assert!(
+            !write(Write::RequestCancel { id: "run".into(), reason: "late".into() }).await,
+            "it has ended"
+        );
+    }
+
+    csp_testkit::backend_tests!(
+        many_writes_in_one_batch_act_as_one_by_one,
+        writes_of_a_superseded_attempt_take_no_effect
+    );
 }

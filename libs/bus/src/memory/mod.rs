@@ -14,8 +14,8 @@ use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::watch;
 
 use crate::{
-    Adjust, Append, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent,
-    PendingSummary, Reserved, Result,
+    Adjust, Append, Backlog, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart,
+    Holder, NewEvent, PendingSummary, Reserved, Result,
 };
 
 /// Batch size of a tail's reads.
@@ -93,8 +93,15 @@ struct GroupState {
 
 struct PendingEntry {
     consumer: String,
-    delivered_at: Instant,
+    /// When it was last delivered or renewed; `None` once given back (idle for ever).
+    delivered_at: Option<Instant>,
     deliveries: u64,
+}
+
+impl PendingEntry {
+    fn idle_for(&self, now: Instant, min_idle: Duration) -> bool {
+        self.delivered_at.is_none_or(|at| now.duration_since(at) >= min_idle)
+    }
 }
 
 impl MemoryBus {
@@ -149,7 +156,7 @@ impl MemoryBus {
             group_state.last_delivered = event.id;
             group_state.pending.insert(
                 event.id,
-                PendingEntry { consumer: consumer.to_owned(), delivered_at: now, deliveries: 1 },
+                PendingEntry { consumer: consumer.to_owned(), delivered_at: Some(now), deliveries: 1 },
             );
             out.push(Delivery { event, deliveries: 1 });
         }
@@ -286,6 +293,38 @@ fn append_locked(
     ids
 }
 
+/// Appends after checking, atomically (under the lock), that `holder` holds its entry and
+/// that no guarded stream is sealed.
+fn append_checked(
+    streams: &mut HashMap<String, StreamState>,
+    holder: Option<&Holder>,
+    appends: Vec<Append>,
+) -> Result<Vec<Vec<EventId>>> {
+    if let Some(holder) = holder {
+        let held = streams
+            .get(&holder.stream)
+            .and_then(|s| s.groups.get(&holder.group))
+            .and_then(|g| g.pending.get(&holder.id))
+            .is_some_and(|entry| entry.consumer == holder.consumer);
+        if !held {
+            return Err(BusError::NotHeld { stream: holder.stream.clone(), id: holder.id });
+        }
+    }
+    if let Some(sealed) = appends.iter().find(|a| {
+        a.guarded
+            && streams
+                .get(&a.stream)
+                .and_then(|s| s.entries.back())
+                .is_some_and(|last| last.headers.contains_key(crate::SEALED_HEADER))
+    }) {
+        return Err(BusError::Sealed { stream: sealed.stream.clone() });
+    }
+    Ok(appends
+        .into_iter()
+        .map(|append| append_locked(streams, &append.stream, append.events, append.cap))
+        .collect())
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -311,11 +350,11 @@ impl EventBus for MemoryBus {
     }
 
     async fn append_many(&self, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
-        let mut streams = self.lock();
-        Ok(appends
-            .into_iter()
-            .map(|append| append_locked(&mut streams, &append.stream, append.events, append.cap))
-            .collect())
+        append_checked(&mut self.lock(), None, appends)
+    }
+
+    async fn append_held(&self, holder: &Holder, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
+        append_checked(&mut self.lock(), Some(holder), appends)
     }
 
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
@@ -421,19 +460,57 @@ impl EventBus for MemoryBus {
         Ok(ids.iter().filter(|id| group_state.pending.remove(id).is_some()).count() as u64)
     }
 
-    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+    async fn ack_held(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+        let mut streams = self.lock();
+        let Some(group_state) = streams.get_mut(stream).and_then(|s| s.groups.get_mut(group)) else {
+            return Ok(0);
+        };
+        let mut acked = 0;
+        for id in ids {
+            if group_state.pending.get(id).is_some_and(|entry| entry.consumer == consumer) {
+                group_state.pending.remove(id);
+                acked += 1;
+            }
+        }
+        Ok(acked)
+    }
+
+    async fn release(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+        let mut streams = self.lock();
+        let Some(group_state) = streams.get_mut(stream).and_then(|s| s.groups.get_mut(group)) else {
+            return Err(BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() });
+        };
+        let mut released = 0;
+        for id in ids {
+            if let Some(entry) = group_state.pending.get_mut(id)
+                && entry.consumer == consumer
+            {
+                entry.delivered_at = None;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EventId],
+    ) -> Result<Vec<EventId>> {
         let mut streams = self.lock();
         let Some(group_state) = streams.get_mut(stream).and_then(|s| s.groups.get_mut(group)) else {
             return Err(BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() });
         };
         let now = Instant::now();
-        let mut held = 0;
+        let mut held = Vec::new();
         for id in ids {
             if let Some(entry) = group_state.pending.get_mut(id)
                 && entry.consumer == consumer
             {
-                entry.delivered_at = now;
-                held += 1;
+                entry.delivered_at = Some(now);
+                held.push(*id);
             }
         }
         Ok(held)
@@ -457,7 +534,7 @@ impl EventBus for MemoryBus {
             .ok_or_else(no_group)?
             .pending
             .iter()
-            .filter(|(_, p)| now.duration_since(p.delivered_at) >= min_idle)
+            .filter(|(_, p)| p.idle_for(now, min_idle))
             .map(|(id, _)| *id)
             .collect();
         let mut claimed = Vec::new();
@@ -480,7 +557,7 @@ impl EventBus for MemoryBus {
         for event in claimed {
             if let Some(entry) = group_state.pending.get_mut(&event.id) {
                 entry.consumer = consumer.to_owned();
-                entry.delivered_at = now;
+                entry.delivered_at = Some(now);
                 entry.deliveries += 1;
                 out.push(Delivery { deliveries: entry.deliveries, event });
             }
@@ -499,6 +576,38 @@ impl EventBus for MemoryBus {
             *summary.consumers.entry(entry.consumer.clone()).or_default() += 1;
         }
         Ok(summary)
+    }
+
+    async fn backlog(&self, stream: &str, group: &str) -> Result<Backlog> {
+        let streams = self.lock();
+        let no_group = || BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() };
+        let state = streams.get(stream).ok_or_else(no_group)?;
+        let group_state = state.groups.get(group).ok_or_else(no_group)?;
+        let waiting = state.entries.len() - state.first_after(group_state.last_delivered);
+        Ok(Backlog { waiting: waiting as u64, pending: group_state.pending.len() as u64 })
+    }
+
+    async fn compact(&self, stream: &str, group: &str, _idle: Duration) -> Result<u64> {
+        let mut streams = self.lock();
+        let no_group = || BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() };
+        let state = streams.get_mut(stream).ok_or_else(no_group)?;
+        let group_state = state.groups.get(group).ok_or_else(no_group)?;
+        // Everything before the oldest pending entry, and up to the last delivered one.
+        let keep_from = group_state.pending.keys().next().copied();
+        let last_delivered = group_state.last_delivered;
+        let mut removed = 0;
+        while let Some(front) = state.entries.front() {
+            let done = front.id <= last_delivered && keep_from.is_none_or(|oldest| front.id < oldest);
+            if !done {
+                break;
+            }
+            if let Some(gone) = state.entries.pop_front() {
+                state.max_deleted = gone.id;
+                removed += 1;
+            }
+        }
+        // Consumers exist here only through their pending entries: nothing more to forget.
+        Ok(removed)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -37,8 +37,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    Adjust, Append, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart, NewEvent,
-    PendingSummary, Reserved, Result,
+    Adjust, Append, Backlog, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart,
+    Holder, NewEvent, PendingSummary, Reserved, Result,
 };
 
 /// Payload field of an entry.
@@ -420,35 +420,11 @@ impl EventBus for RedisBus {
     }
 
     async fn append_many(&self, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
-        if appends.iter().all(|a| a.events.is_empty()) {
-            return Ok(appends.iter().map(|_| Vec::new()).collect());
-        }
-        let keys: Vec<String> = appends.iter().map(|a| self.key(&a.stream)).collect();
-        let mut args = Vec::with_capacity(appends.iter().map(|a| 2 + a.events.len() * 4).sum());
-        for append in appends {
-            args.push(Value::Integer(append.cap.map_or(0, |cap| cap.max(1) as i64)));
-            args.push(Value::Integer(append.events.len() as i64));
-            for event in append.events {
-                push_fields(event, &mut args);
-            }
-        }
-        let reply: Value = append_many_script()
-            .evalsha_with_reload(self.inner.pool.next(), keys, args)
-            .await
-            .map_err(unavailable)?;
-        let Value::Array(per_stream) = reply else {
-            return Err(bad_reply("append"));
-        };
-        per_stream
-            .iter()
-            .map(|ids| match ids {
-                Value::Array(ids) => {
-                    ids.iter().map(|id| text(id).ok_or_else(|| bad_reply("id"))?.parse()).collect()
-                }
-                // An empty Lua table comes back as an empty reply.
-                _ => Ok(Vec::new()),
-            })
-            .collect()
+        self.append_checked(None, appends).await
+    }
+
+    async fn append_held(&self, holder: &Holder, appends: Vec<Append>) -> Result<Vec<Vec<EventId>>> {
+        self.append_checked(Some(holder), appends).await
     }
 
     async fn read(&self, stream: &str, after: Option<EventId>, limit: usize) -> Result<Vec<Event>> {
@@ -655,23 +631,42 @@ impl EventBus for RedisBus {
             .collect())
     }
 
-    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+    async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EventId],
+    ) -> Result<Vec<EventId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Value = self.entries_script(touch_script(), stream, group, consumer, ids, None).await?;
+        match held {
+            Value::Array(ids) => ids.iter().filter_map(text).map(|id| id.parse()).collect(),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    async fn ack_held(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut args = vec![Value::from(group), Value::from(consumer)];
-        args.extend(ids.iter().map(|id| Value::from(id.to_string())));
-        let held: i64 = touch_script()
-            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
-            .await
-            .map_err(|e| {
-                if e.details().contains("NOGROUP") {
-                    BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() }
-                } else {
-                    unavailable(e)
-                }
-            })?;
-        Ok(held.max(0) as u64)
+        match self.entries_script(ack_held_script(), stream, group, consumer, ids, None).await {
+            Ok(acked) => Ok(integer(&acked).unwrap_or(0).max(0) as u64),
+            Err(BusError::NoGroup { .. }) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn release(&self, stream: &str, group: &str, consumer: &str, ids: &[EventId]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let idle = Value::Integer(RELEASED_IDLE.as_millis() as i64);
+        let released =
+            self.entries_script(release_script(), stream, group, consumer, ids, Some(idle)).await?;
+        Ok(integer(&released).unwrap_or(0).max(0) as u64)
     }
 
     async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary> {
@@ -699,9 +694,123 @@ impl EventBus for RedisBus {
         Ok(summary)
     }
 
+    async fn backlog(&self, stream: &str, group: &str) -> Result<Backlog> {
+        let reply: Value = backlog_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], vec![Value::from(group)])
+            .await
+            .map_err(|e| no_group_or_unavailable(e, stream, group))?;
+        let Value::Array(parts) = reply else {
+            return Err(bad_reply("backlog"));
+        };
+        let count = |i: usize| parts.get(i).and_then(integer).unwrap_or(0).max(0) as u64;
+        Ok(Backlog { waiting: count(0), pending: count(1) })
+    }
+
+    async fn compact(&self, stream: &str, group: &str, idle: Duration) -> Result<u64> {
+        let args = vec![Value::from(group), Value::Integer(idle.as_millis() as i64)];
+        let removed: Value = compact_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
+            .await
+            .map_err(|e| no_group_or_unavailable(e, stream, group))?;
+        Ok(integer(&removed).unwrap_or(0).max(0) as u64)
+    }
+
     async fn ping(&self) -> Result<()> {
         let _: Value = self.inner.pool.ping(None).await.map_err(unavailable)?;
         Ok(())
+    }
+}
+
+/// How idle a released entry is made: longer than any lease.
+const RELEASED_IDLE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn no_group_or_unavailable(e: RedisError, stream: &str, group: &str) -> BusError {
+    let details = e.details();
+    if details.contains("NOGROUP") || details.contains("no such key") {
+        BusError::NoGroup { stream: stream.to_owned(), group: group.to_owned() }
+    } else {
+        unavailable(e)
+    }
+}
+
+impl RedisBus {
+    /// Appends (one script) after checking that `holder` holds its entry and that no guarded
+    /// stream is sealed.
+    async fn append_checked(
+        &self,
+        holder: Option<&Holder>,
+        appends: Vec<Append>,
+    ) -> Result<Vec<Vec<EventId>>> {
+        if holder.is_none() && appends.iter().all(|a| a.events.is_empty()) {
+            return Ok(appends.iter().map(|_| Vec::new()).collect());
+        }
+        let mut keys: Vec<String> = appends.iter().map(|a| self.key(&a.stream)).collect();
+        let streams: Vec<String> = appends.iter().map(|a| a.stream.clone()).collect();
+        let mut args = Vec::with_capacity(5 + appends.iter().map(|a| 3 + a.events.len() * 4).sum::<usize>());
+        args.push(Value::Integer(appends.len() as i64));
+        if let Some(holder) = holder {
+            keys.push(self.key(&holder.stream));
+            args.push(Value::from(holder.group.as_str()));
+            args.push(Value::from(holder.consumer.as_str()));
+            args.push(Value::from(holder.id.to_string()));
+        }
+        args.extend(appends.iter().map(|a| Value::Integer(i64::from(a.guarded))));
+        for append in appends {
+            args.push(Value::Integer(append.cap.map_or(0, |cap| cap.max(1) as i64)));
+            args.push(Value::Integer(append.events.len() as i64));
+            for event in append.events {
+                push_fields(event, &mut args);
+            }
+        }
+        let reply: Value = append_many_script()
+            .evalsha_with_reload(self.inner.pool.next(), keys, args)
+            .await
+            .map_err(|e| {
+                let details = e.details();
+                if let Some((_, index)) = details.split_once("SEALED ") {
+                    let index: usize = index.trim().parse().unwrap_or(1);
+                    BusError::Sealed {
+                        stream: streams.get(index.saturating_sub(1)).cloned().unwrap_or_default(),
+                    }
+                } else if let Some(holder) = holder.filter(|_| details.contains("NOTHELD")) {
+                    BusError::NotHeld { stream: holder.stream.clone(), id: holder.id }
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        let Value::Array(per_stream) = reply else {
+            return Err(bad_reply("append"));
+        };
+        per_stream
+            .iter()
+            .map(|ids| match ids {
+                Value::Array(ids) => {
+                    ids.iter().map(|id| text(id).ok_or_else(|| bad_reply("id"))?.parse()).collect()
+                }
+                // An empty Lua table comes back as an empty reply.
+                _ => Ok(Vec::new()),
+            })
+            .collect()
+    }
+
+    /// Runs a script over pending entries of one consumer (ARGV: group, consumer, `extra`
+    /// when given, then the ids).
+    async fn entries_script(
+        &self,
+        script: &fred::types::scripts::Script,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EventId],
+        extra: Option<Value>,
+    ) -> Result<Value> {
+        let mut args = vec![Value::from(group), Value::from(consumer)];
+        args.extend(extra);
+        args.extend(ids.iter().map(|id| Value::from(id.to_string())));
+        script
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(stream)], args)
+            .await
+            .map_err(|e| no_group_or_unavailable(e, stream, group))
     }
 }
 
@@ -971,17 +1080,41 @@ fn append_many_script() -> &'static fred::types::scripts::Script {
     SCRIPT.get_or_init(|| {
         fred::types::scripts::Script::from_lua(
             r#"
+-- ARGV: the number of appends n; with a holder (KEYS[n + 1]): its group, consumer and entry;
+-- then a guard flag per append; then per append its cap, its event count and its events.
+local n = tonumber(ARGV[1])
+local i = 2
+if #KEYS > n then
+  local ok, entry = pcall(redis.call, 'XPENDING', KEYS[n + 1], ARGV[2], ARGV[4], ARGV[4], 1)
+  if not ok or not entry[1] or entry[1][2] ~= ARGV[3] then
+    return redis.error_reply('NOTHELD')
+  end
+  i = 5
+end
+for k = 1, n do
+  if ARGV[i + k - 1] == '1' then
+    local last = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+    if last[1] then
+      local fields = last[1][2]
+      for f = 1, #fields, 2 do
+        if fields[f] == 'h:sealed' then
+          return redis.error_reply('SEALED ' .. k)
+        end
+      end
+    end
+  end
+end
 local result = {}
-local i = 1
-for k = 1, #KEYS do
+i = i + n
+for k = 1, n do
   local cap = tonumber(ARGV[i])
   local count = tonumber(ARGV[i + 1])
   i = i + 2
   local ids = {}
   for _ = 1, count do
-    local n = tonumber(ARGV[i])
-    ids[#ids + 1] = redis.call('XADD', KEYS[k], '*', unpack(ARGV, i + 1, i + n))
-    i = i + 1 + n
+    local fields = tonumber(ARGV[i])
+    ids[#ids + 1] = redis.call('XADD', KEYS[k], '*', unpack(ARGV, i + 1, i + fields))
+    i = i + 1 + fields
   end
   if cap > 0 and #ids > 0 then
     local excess = redis.call('XLEN', KEYS[k]) - cap
@@ -1007,17 +1140,117 @@ fn touch_script() -> &'static fred::types::scripts::Script {
     SCRIPT.get_or_init(|| {
         fred::types::scripts::Script::from_lua(
             r#"
-local held = 0
+local held = {}
 for i = 3, #ARGV do
   local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if entry[1] and entry[1][2] == ARGV[2] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    held = held + 1
+    held[#held + 1] = ARGV[i]
   end
 end
 return held
 "#,
         )
+    })
+}
+
+/// XACK of the entries still pending for the given consumer, atomically with the check.
+fn ack_held_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local acked = 0
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if entry[1] and entry[1][2] == ARGV[2] then
+    acked = acked + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  end
+end
+return acked
+"#,
+        )
+    })
+}
+
+/// Makes the entries still pending for the given consumer idle for ARGV[3] ms (claimable at
+/// once), keeping their delivery counts.
+fn release_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local released = 0
+for i = 4, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if entry[1] and entry[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'RETRYCOUNT', entry[1][4], 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"#,
+        )
+    })
+}
+
+/// The group's info fields by name (RESP2 flat pairs in scripts).
+const GROUP_INFO_LUA: &str = r#"
+local function group_info(key, name)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == name then return info end
+  end
+  return nil
+end
+"#;
+
+/// {entries never delivered, entries pending} of a group.
+fn backlog_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(format!(
+            "{GROUP_INFO_LUA}{}",
+            r#"
+local info = group_info(KEYS[1], ARGV[1])
+if not info then return redis.error_reply('NOGROUP no such group') end
+local lag = info['lag']
+if type(lag) ~= 'number' then
+  lag = #redis.call('XRANGE', KEYS[1], '(' .. info['last-delivered-id'], '+', 'COUNT', 100000)
+end
+return {lag, info['pending']}
+"#
+        ))
+    })
+}
+
+/// Trims the entries older than the oldest pending or undelivered one, and deletes
+/// consumers holding nothing that have been idle ARGV[2] ms. Returns how many were trimmed.
+fn compact_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(format!(
+            "{GROUP_INFO_LUA}{}",
+            r#"
+local info = group_info(KEYS[1], ARGV[1])
+if not info then return redis.error_reply('NOGROUP no such group') end
+local bound = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
+if not bound then
+  local ms, seq = string.match(info['last-delivered-id'], '(%d+)-(%d+)')
+  bound = ms .. '-' .. (tonumber(seq) + 1)
+end
+local removed = redis.call('XTRIM', KEYS[1], 'MINID', bound)
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local consumer = {}
+  for i = 1, #c, 2 do consumer[c[i]] = c[i + 1] end
+  if consumer['pending'] == 0 and consumer['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer['name'])
+  end
+end
+return removed
+"#
+        ))
     })
 }
 

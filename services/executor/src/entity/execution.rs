@@ -33,6 +33,11 @@ pub(crate) struct Model {
     pub(crate) retry_from: Option<String>,
     pub(crate) paused_at: String,
     pub(crate) idempotency_key: Option<String>,
+    /// Why it was asked to stop (`cancelled by ...`): whichever replica runs it, or claims it
+    /// later, ends it CANCELLED with this reason.
+    pub(crate) cancel_requested: Option<String>,
+    /// Why its last delivery could not run it (for the dead letter, should it come to that).
+    pub(crate) last_error: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

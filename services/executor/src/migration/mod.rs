@@ -3,12 +3,13 @@
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261125_000001_executions;
+mod m20261129_000001_replicas;
 
 /// Every migration of the service, oldest first.
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_executions::Migration)]
+        vec![Box::new(m20261125_000001_executions::Migration), Box::new(m20261129_000001_replicas::Migration)]
     }
 }

@@ -18,7 +18,7 @@ use std::{
 use futures::task::AtomicWaker;
 use serde_json::Value;
 
-use super::watch::{Wait, Waits};
+use super::deadlock::{Wait, Waits};
 
 /// A message: immutable JSON shared by every receiver of a fan-out; a receiver that changes it
 /// clones it only if someone else still holds it (`make_mut`). A `triomphe` Arc: no weak count,

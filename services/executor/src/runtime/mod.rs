@@ -23,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) mod channel;
 pub mod components;
+mod deadlock;
 pub mod debug;
 mod node;
 mod remote;
 mod stats;
-mod watch;
 
 pub use channel::Msg;
 pub use components::ai::{Ai, AiError};
@@ -315,8 +315,8 @@ enum Work {
 pub struct Network {
     drivers: Vec<(Driver, Work)>,
     shards: Arc<Shards>,
-    graph: Arc<watch::Graph>,
-    tracker: Arc<watch::Tracker>,
+    graph: Arc<deadlock::Graph>,
+    tracker: Arc<deadlock::Tracker>,
     types: Arc<[String]>,
     stats: Vec<Arc<stats::NodeStats>>,
     collected: Vec<(String, Arc<components::Collected>)>,
@@ -433,7 +433,7 @@ impl Network {
             out_ports[from][out_port].push(channel.clone());
             out_connections[from][out_port].push(c);
             into_edges[to].push(edges.len());
-            edges.push(watch::Edge {
+            edges.push(deadlock::Edge {
                 connection_id: connection.id.clone(),
                 from,
                 to,
@@ -445,7 +445,7 @@ impl Network {
             return Err(problems);
         }
 
-        let tracker = Arc::new(watch::Tracker::default());
+        let tracker = Arc::new(deadlock::Tracker::default());
         let recorder = options
             .record_messages
             .then(|| Recorder { limit: options.max_recorded_messages, ..Recorder::default() });
@@ -472,7 +472,7 @@ impl Network {
         let mut problems = Vec::new();
         for (i, (node, resolved)) in plan.nodes.iter().zip(resolved).enumerate() {
             let Some((input_names, output_names, effective)) = resolved else { continue };
-            let node_waits = Arc::new(watch::Waits::new(tracker.clone()));
+            let node_waits = Arc::new(deadlock::Waits::new(tracker.clone()));
             let node_stats = Arc::new(stats::NodeStats::default());
             let sink = components::Collected::new(
                 effective.get("limit").and_then(Value::as_u64).unwrap_or(10_000) as usize,
@@ -568,7 +568,7 @@ impl Network {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let graph = Arc::new(watch::Graph {
+        let graph = Arc::new(deadlock::Graph {
             node_ids: plan.nodes.iter().map(|n| n.id.clone()).collect(),
             waits,
             // Without problems there is one edge per connection, in connection order: the
@@ -841,7 +841,7 @@ impl Network {
     }
 }
 
-fn deadlock_event(found: &watch::Deadlock) -> pb::DeadlockDetected {
+fn deadlock_event(found: &deadlock::Deadlock) -> pb::DeadlockDetected {
     pb::DeadlockDetected {
         node_ids: found.node_ids.clone(),
         connection_ids: found.connection_ids.clone(),
@@ -852,7 +852,7 @@ fn deadlock_event(found: &watch::Deadlock) -> pb::DeadlockDetected {
 
 async fn deadlocked(
     shared: &Shared,
-    found: watch::Deadlock,
+    found: deadlock::Deadlock,
     blocked: &mut Vec<String>,
 ) -> (Ending, pb::ExecutionError) {
     shared.emit(Event::DeadlockDetected(deadlock_event(&found))).await;

@@ -16,9 +16,9 @@ use super::{
     OnError, Policy,
     channel::{Inputs, Msg, Outputs, Received},
     components::{AsyncTransform, Emit, Failure, Join, Source, Transform},
+    deadlock::Waits,
     debug::{Debugger, Paused},
     stats::NodeStats,
-    watch::Waits,
 };
 
 /// Messages recorded per connection, for RetryExecution.
