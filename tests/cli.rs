@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    ADMIN_PASSWORD, Running, channel, create_admin, create_admin_in, csp, env_vars, http_get, login,
-    new_designer,
+    ADMIN_PASSWORD, Running, channel, create_admin, create_admin_in, csp, design_of, env_vars, http_get,
+    login, new_designer,
 };
 
 use std::{
@@ -315,49 +315,6 @@ async fn a_first_design_through_the_gateway(env: TestEnv) {
     let listed =
         designs.list_designs(csp_testkit::authed(request, &token)).await.unwrap().into_inner().designs;
     assert_eq!(listed.len(), 2);
-}
-
-/// A design of `nodes` chained in order (`out` to `in`); its id.
-async fn design_of(addr: SocketAddr, token: &str, nodes: &[(&str, &str, serde_json::Value)]) -> String {
-    use csp_proto::design::v1 as dpb;
-    let mut designs = dpb::design_service_client::DesignServiceClient::new(channel(addr).await);
-    let request = dpb::CreateDesignRequest { name: "Run me".into(), ..Default::default() };
-    let design = designs
-        .create_design(csp_testkit::authed(request, token))
-        .await
-        .unwrap()
-        .into_inner()
-        .design
-        .unwrap();
-    let mut ops: Vec<dpb::Op> = nodes
-        .iter()
-        .map(|(id, type_id, config)| dpb::Op {
-            op: Some(dpb::op::Op::AddNode(dpb::AddNodeOp {
-                node: Some(dpb::Node {
-                    id: (*id).into(),
-                    r#type: (*type_id).into(),
-                    config: Some(csp_proto::json::to_struct(config.clone())),
-                    ..Default::default()
-                }),
-            })),
-        })
-        .collect();
-    for (i, pair) in nodes.windows(2).enumerate() {
-        ops.push(dpb::Op {
-            op: Some(dpb::op::Op::AddConnection(dpb::AddConnectionOp {
-                connection: Some(dpb::Connection {
-                    id: format!("c{}", i + 1),
-                    from: Some(dpb::PortAddress { node_id: pair[0].0.into(), port: "out".into() }),
-                    to: Some(dpb::PortAddress { node_id: pair[1].0.into(), port: "in".into() }),
-                    ..Default::default()
-                }),
-            })),
-        });
-    }
-    let request =
-        dpb::ApplyOpsRequest { design_id: design.id.clone(), expected_revision: design.revision, ops };
-    designs.apply_ops(csp_testkit::authed(request, token)).await.unwrap();
-    design.id
 }
 
 /// A new user's first run, through the gateway: a design of three nodes, an execution started

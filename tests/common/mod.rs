@@ -200,3 +200,46 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// A design of `nodes` chained `out` → `in` in order; its id.
+pub async fn design_of(addr: SocketAddr, token: &str, nodes: &[(&str, &str, serde_json::Value)]) -> String {
+    use csp_proto::design::v1 as dpb;
+    let mut designs = dpb::design_service_client::DesignServiceClient::new(channel(addr).await);
+    let request = dpb::CreateDesignRequest { name: "Run me".into(), ..Default::default() };
+    let design = designs
+        .create_design(csp_testkit::authed(request, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .design
+        .unwrap();
+    let mut ops: Vec<dpb::Op> = nodes
+        .iter()
+        .map(|(id, type_id, config)| dpb::Op {
+            op: Some(dpb::op::Op::AddNode(dpb::AddNodeOp {
+                node: Some(dpb::Node {
+                    id: (*id).into(),
+                    r#type: (*type_id).into(),
+                    config: Some(csp_proto::json::to_struct(config.clone())),
+                    ..Default::default()
+                }),
+            })),
+        })
+        .collect();
+    for (i, pair) in nodes.windows(2).enumerate() {
+        ops.push(dpb::Op {
+            op: Some(dpb::op::Op::AddConnection(dpb::AddConnectionOp {
+                connection: Some(dpb::Connection {
+                    id: format!("c{}", i + 1),
+                    from: Some(dpb::PortAddress { node_id: pair[0].0.into(), port: "out".into() }),
+                    to: Some(dpb::PortAddress { node_id: pair[1].0.into(), port: "in".into() }),
+                    ..Default::default()
+                }),
+            })),
+        });
+    }
+    let request =
+        dpb::ApplyOpsRequest { design_id: design.id.clone(), expected_revision: design.revision, ops };
+    designs.apply_ops(csp_testkit::authed(request, token)).await.unwrap();
+    design.id
+}

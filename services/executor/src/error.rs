@@ -53,6 +53,12 @@ impl Error {
         Error::Invalid { message: FieldViolation::summary(&violations), violations }
     }
 
+    /// Whether it comes from the database or the bus being unavailable, not from what was
+    /// asked: worth trying again as it is.
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, Error::Db(_) | Error::Unavailable(_) | Error::Bus(csp_bus::BusError::Unavailable(_)))
+    }
+
     pub(crate) fn precondition(reason: &'static str, message: impl Into<String>) -> Self {
         Error::Precondition { message: message.into(), reason }
     }

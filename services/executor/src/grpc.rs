@@ -83,6 +83,7 @@ fn execution(e: Execution) -> pb::Execution {
         attempt: e.attempt,
         retry_of: e.retry_of.unwrap_or_default(),
         paused_at_node_id: e.paused_at,
+        runner: e.runner,
     }
 }
 

@@ -75,11 +75,13 @@ pub(crate) async fn start(
     db: &impl ConnectionTrait,
     id: &str,
     attempt: i32,
+    runner: &str,
     now: DateTime<Utc>,
 ) -> Result<bool, DbErr> {
     let result = execution::Entity::update_many()
         .col_expr(execution::Column::Status, Expr::value(Status::Running.as_str()))
         .col_expr(execution::Column::Attempt, Expr::value(attempt))
+        .col_expr(execution::Column::Runner, Expr::value(runner))
         .col_expr(execution::Column::StartedAt, Expr::value(Some(now)))
         .col_expr(execution::Column::PausedAt, Expr::value(""))
         .filter(execution::Column::Id.eq(id))

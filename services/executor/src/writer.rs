@@ -28,7 +28,7 @@ pub(crate) enum Write {
     /// A new execution, unless one with its idempotency key exists.
     Insert(Box<execution::Model>),
     /// See [`repo::start`].
-    Start { id: String, attempt: i32, at: DateTime<Utc> },
+    Start { id: String, attempt: i32, runner: String, at: DateTime<Utc> },
     /// See [`repo::set_live_status`].
     Live { id: String, attempt: i32, status: Status, paused_at: String },
     /// See [`repo::set_nodes`].
@@ -57,7 +57,7 @@ impl Write {
     async fn apply(&self, db: &impl sea_orm::ConnectionTrait) -> Result<bool, DbErr> {
         match self {
             Write::Insert(row) => repo::insert(db, row.as_ref().clone()).await,
-            Write::Start { id, attempt, at } => repo::start(db, id, *attempt, *at).await,
+            Write::Start { id, attempt, runner, at } => repo::start(db, id, *attempt, runner, *at).await,
             Write::Live { id, attempt, status, paused_at } => {
                 repo::set_live_status(db, id, *attempt, *status, paused_at).await
             }
@@ -183,6 +183,7 @@ mod tests {
             idempotency_key: key.map(Into::into),
             cancel_requested: None,
             last_error: None,
+            runner: String::new(),
         }
     }
 
@@ -211,9 +212,9 @@ mod tests {
             Write::Insert(Box::new(row("e3", None))),
             Write::Insert(Box::new(row("e4", Some("k1")))),
             Write::CancelQueued { id: "e3".into(), at: now, error: "cancelled".into() },
-            Write::Start { id: "e1".into(), attempt: 1, at: now },
-            Write::Start { id: "e2".into(), attempt: 1, at: now },
-            Write::Start { id: "e3".into(), attempt: 1, at: now },
+            Write::Start { id: "e1".into(), attempt: 1, runner: "r".into(), at: now },
+            Write::Start { id: "e2".into(), attempt: 1, runner: "r".into(), at: now },
+            Write::Start { id: "e3".into(), attempt: 1, runner: "r".into(), at: now },
             finish("e1", 1, Status::Succeeded, None),
             finish("e2", 1, Status::Failed, Some("broke")),
             finish("e3", 1, Status::Succeeded, None),
@@ -239,8 +240,10 @@ mod tests {
             let writer = writer.clone();
             async move {
                 let inserted = writer.write(Write::Insert(Box::new(row(id, None)))).await.unwrap();
-                let started =
-                    writer.write(Write::Start { id: id.clone(), attempt: 1, at: now }).await.unwrap();
+                let started = writer
+                    .write(Write::Start { id: id.clone(), attempt: 1, runner: "r".into(), at: now })
+                    .await
+                    .unwrap();
                 let finished = writer.write(finish(id, 1, Status::Succeeded, None)).await.unwrap();
                 (inserted, started, finished)
             }
@@ -266,14 +269,14 @@ mod tests {
             async move { writer.write(w).await.unwrap() }
         };
         assert!(write(Write::Insert(Box::new(row("run", None)))).await);
-        assert!(write(Write::Start { id: "run".into(), attempt: 1, at: now }).await);
+        assert!(write(Write::Start { id: "run".into(), attempt: 1, runner: "r".into(), at: now }).await);
         assert!(
-            !write(Write::Start { id: "run".into(), attempt: 1, at: now }).await,
+            !write(Write::Start { id: "run".into(), attempt: 1, runner: "r".into(), at: now }).await,
             "attempt 1 started once"
         );
         assert!(write(Write::Nodes { id: "run".into(), attempt: 1, nodes: "[1]".into() }).await);
         // Taken over: attempt 2.
-        assert!(write(Write::Start { id: "run".into(), attempt: 2, at: now }).await);
+        assert!(write(Write::Start { id: "run".into(), attempt: 2, runner: "r".into(), at: now }).await);
         let stale =
             Write::Live { id: "run".into(), attempt: 1, status: Status::Paused, paused_at: "n".into() };
         assert!(!write(stale).await);
@@ -287,7 +290,7 @@ mod tests {
         assert!(write(Write::Insert(Box::new(super::tests::row("asked", None)))).await);
         assert!(write(Write::RequestCancel { id: "asked".into(), reason: "by ada".into() }).await);
         assert!(
-            !write(Write::Start { id: "asked".into(), attempt: 1, at: now }).await,
+            !write(Write::Start { id: "asked".into(), attempt: 1, runner: "r".into(), at: now }).await,
             "cancelled: never started"
         );
         let cancels = repo::cancels_requested(db.conn(), &["asked".into(), "run".into()]).await.unwrap();

@@ -38,6 +38,8 @@ pub(crate) struct Model {
     pub(crate) cancel_requested: Option<String>,
     /// Why its last delivery could not run it (for the dead letter, should it come to that).
     pub(crate) last_error: Option<String>,
+    /// The replica (consumer name) that started its current attempt.
+    pub(crate) runner: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -25,6 +25,8 @@ mod model;
 mod reads;
 mod recording;
 mod start;
+#[cfg(test)]
+mod tests;
 mod watch;
 mod worker;
 
@@ -90,6 +92,8 @@ pub(crate) struct Run {
     stop: Mutex<Option<Stop>>,
     /// Set as its job is acknowledged: a renewal that no longer finds the job is no loss.
     done: AtomicBool,
+    /// Whom its events are about, once its row is read.
+    pub(crate) subject: Mutex<Option<events::Subject>>,
 }
 
 impl Run {
@@ -101,6 +105,7 @@ impl Run {
             debugger: OnceLock::new(),
             stop: Mutex::new(None),
             done: AtomicBool::new(false),
+            subject: Mutex::new(None),
         })
     }
 

@@ -37,6 +37,8 @@ pub(crate) struct Execution {
     pub(crate) retry_of: Option<String>,
     /// The node it is paused at, if paused.
     pub(crate) paused_at: String,
+    /// The replica that started its current attempt.
+    pub(crate) runner: String,
 }
 
 impl Execution {
@@ -63,6 +65,7 @@ impl Execution {
             attempt: row.attempt,
             retry_of: row.retry_of.clone(),
             paused_at: row.paused_at.clone(),
+            runner: row.runner.clone(),
         }
     }
 }

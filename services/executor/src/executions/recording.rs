@@ -27,11 +27,17 @@ use crate::{
     writer::Write,
 };
 
-/// How long a publication is retried while the bus is unavailable before the run gives up
-/// on it (the final status is then published by whichever replica claims the job next).
+/// How long a run retries a publication while the bus is unavailable before it gives up on it
+/// (the final status is then published by whichever replica claims the job next).
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
-/// How long the final write is retried while the database is unavailable.
+/// How long a run retries a write while the database is unavailable.
 const WRITE_PATIENCE: Duration = Duration::from_secs(60);
+/// The same, for an RPC that ends an execution nobody runs (a cancel of a queued one).
+const CALLER_PATIENCE: Duration = Duration::from_secs(3);
+
+fn patience(run: Option<&Run>, of_a_run: Duration) -> Duration {
+    if run.is_some() { of_a_run } else { CALLER_PATIENCE }
+}
 
 /// Whether an outcome was recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +180,15 @@ impl Executor {
         outputs.extend(outcome.outputs.clone());
         let nodes: Vec<StoredNode> = outcome.nodes.iter().map(StoredNode::of).collect();
         if !outcome.recorded.is_empty() {
-            repo::save_recordings(&self.db, &who.id, &outcome.recorded).await?;
+            let started = std::time::Instant::now();
+            let mut tries = 0;
+            while let Err(e) = repo::save_recordings(&self.db, &who.id, &outcome.recorded).await {
+                if started.elapsed() >= WRITE_PATIENCE || run.silenced() {
+                    return Err(e.into());
+                }
+                tokio::time::sleep(backoff(tries)).await;
+                tries += 1;
+            }
         }
         let ended = Ended {
             status,
@@ -204,7 +218,10 @@ impl Executor {
         let took_effect = loop {
             match self.writer.write(write.clone()).await {
                 Ok(took_effect) => break took_effect,
-                Err(e) if started.elapsed() < WRITE_PATIENCE && !run.is_some_and(Run::silenced) => {
+                Err(e)
+                    if started.elapsed() < patience(run, WRITE_PATIENCE)
+                        && !run.is_some_and(Run::silenced) =>
+                {
                     if tries == 0 {
                         tracing::warn!(execution_id = %who.id, error = %e, "cannot record how the execution ended; retrying");
                     }
@@ -253,7 +270,7 @@ impl Executor {
                     // the execution ended and publishes its final status.
                     return;
                 }
-                Err(e) if started.elapsed() < PUBLISH_PATIENCE => {
+                Err(e) if started.elapsed() < patience(run, PUBLISH_PATIENCE) => {
                     if tries == 0 {
                         tracing::warn!(execution_id = %who.id, error = %e, "cannot publish the final status; retrying");
                     }

@@ -372,6 +372,7 @@ fn new_row(
         idempotency_key: key,
         cancel_requested: None,
         last_error: None,
+        runner: String::new(),
     }
 }
 

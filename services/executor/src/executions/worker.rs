@@ -201,10 +201,38 @@ impl Executor {
         }
         let span = tracing::info_span!("execution", execution_id = %id, attempt = tracing::field::Empty);
         job.event.follow_trace(&span);
-        let done = self.clone().execute(&run, job.deliveries).instrument(span).await;
+        // The database or the bus away: wait for it, holding the job (it is no fault of the
+        // job's, so it costs no delivery).
+        let mut tries = 0u32;
+        let done = loop {
+            match self.clone().execute(&run, job.deliveries).instrument(span.clone()).await {
+                Err(e) if e.is_transient() && !run.silenced() => {
+                    if tries == 0 {
+                        tracing::warn!(execution_id = %id, error = %e, "cannot run the execution yet; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100u64 << tries.min(4))).await;
+                    tries += 1;
+                }
+                done => break done,
+            }
+        };
         match done {
             Ok(Done::Finished | Done::Lost) => {}
             Ok(Done::HandedBack) => {
+                let line = Event::Log(pb::LogLine {
+                    node_id: String::new(),
+                    level: "warn".into(),
+                    message: format!(
+                        "{} is stopping: the execution goes to another replica, which runs it again from the start",
+                        self.me
+                    ),
+                    data: None,
+                });
+                let who = lock(&run.subject).clone();
+                if let Some(who) = who {
+                    let appends = who.appends(vec![line], self.events_kept());
+                    let _ = self.bus.append_held(&run.holder, appends).await;
+                }
                 self.hand_back(&run).await;
                 self.announce_handback().await;
             }
@@ -251,7 +279,8 @@ impl Executor {
             let stored: StoredOptions = serde_json::from_str(&row.options)
                 .map_err(|e| Error::Internal(format!("the stored options cannot be read: {e}")))?;
             let attempt = row.attempt + 1;
-            if self.writer.write(Write::Start { id: run.id.clone(), attempt, at: now() }).await? {
+            let start = Write::Start { id: run.id.clone(), attempt, runner: self.me.clone(), at: now() };
+            if self.writer.write(start).await? {
                 break (attempt, plan, stored);
             }
             // Ended, cancelled, or started by another replica since it was read: look again,
@@ -271,16 +300,23 @@ impl Executor {
         };
         tracing::Span::current().record("attempt", attempt);
         let who = Subject::of(&row);
+        *lock(&run.subject) = Some(who.clone());
 
         // The run's first events go out with the network's first ones, in one bus call.
         let (tx, mut rx) = mpsc::channel(4096);
         if attempt > 1 {
+            let message = if row.runner == self.me || row.runner.is_empty() {
+                format!("attempt {attempt}: {} runs it again from the start", self.me)
+            } else {
+                format!(
+                    "attempt {attempt}: {} stopped before it ended; {} runs it again from the start",
+                    row.runner, self.me
+                )
+            };
             let _ = tx.try_send(Event::Log(pb::LogLine {
                 node_id: String::new(),
                 level: "warn".into(),
-                message: format!(
-                    "attempt {attempt}: the replica running this execution stopped; running it again from the start"
-                ),
+                message,
                 data: None,
             }));
         }

@@ -1,6 +1,6 @@
 //! What replicas need to agree on an execution: a cancel stored with it (honoured by whichever
-//! replica runs or later claims it), the last reason a run of it could not start, and the jobs
-//! given up after too many deliveries.
+//! replica runs or later claims it), the last reason a run of it could not start, which replica
+//! runs it, and the jobs given up after too many deliveries.
 
 use sea_orm_migration::{prelude::*, schema::*};
 
@@ -12,6 +12,7 @@ enum Executions {
     Table,
     CancelRequested,
     LastError,
+    Runner,
 }
 
 #[derive(DeriveIden)]
@@ -44,6 +45,14 @@ impl MigrationTrait for Migration {
                 Table::alter()
                     .table(Executions::Table)
                     .add_column(text_null(Executions::LastError))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Executions::Table)
+                    .add_column(string_len(Executions::Runner, 100).default(""))
                     .to_owned(),
             )
             .await?;
