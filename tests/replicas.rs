@@ -327,6 +327,23 @@ async fn three_replicas_lose_nothing_and_finish_everything_once(env: TestEnv) {
         let distinct: HashSet<&String> = checks.iter().map(|(id, _)| id).collect();
         assert_eq!(distinct.len() as u64, EXECUTIONS);
         assert!(taken_over > 0, "the killed replica was running executions: they must have been rerun");
+        if round == 0 {
+            // The worker's numbers, on every replica's /metrics (here, the system's).
+            let (_, metrics) = http_get(gateway, "/metrics").await;
+            for name in [
+                "csp_executor_queue_waiting ",
+                "csp_executor_queue_pending ",
+                "csp_executor_running ",
+                "csp_executor_job_deliveries_total ",
+                "csp_executor_job_claims_total ",
+                "csp_executor_lease_expiries_total ",
+                "csp_executor_fenced_writes_total{write=\"finish\"} ",
+                "csp_executor_drains_total ",
+                "csp_executor_dead_letters_total ",
+            ] {
+                assert!(metrics.lines().any(|l| l.starts_with(name)), "{name}is not on /metrics");
+            }
+        }
         println!(
             "round {round}: {EXECUTIONS} executions in {took:?}; {taken_over} rerun after {doomed_name} was killed; {stopping_name} drained in {drained_in:?}"
         );
@@ -491,6 +508,83 @@ async fn a_cancel_during_a_takeover_is_honoured(env: TestEnv) {
         assert!(stream.running <= 1, "never run again: {stream:?}");
     }
     drop(csp);
+}
+
+/// A replica stopped (SIGTERM) with executions it cannot finish within its drain timeout hands
+/// them back: another replica takes them over at once — not after the 30 s lease — and they
+/// end once.
+async fn a_stopping_replica_hands_back_what_it_cannot_finish(env: TestEnv) {
+    let mut vars = base_vars(&env, "30s");
+    vars.push(("CSP_EXECUTOR__DRAIN_TIMEOUT".into(), "1s".into()));
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &named(&vars, "replica-0"), &["serve"]);
+    let gateway = csp.gateway;
+    let setup = setup(gateway, 4000, 0).await;
+    let stopping = Replica::start(env.dir(), &vars, gateway, "replica-1");
+    let mut ids = Vec::new();
+    for value in 0..8 {
+        ids.push((setup.start(value).await, value));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let on_stopping: Vec<String> = loop {
+        let mut running = Vec::new();
+        for (id, _) in &ids {
+            let execution = setup.get(id).await;
+            if execution.status == pb::ExecutionStatus::Running as i32 {
+                running.push((id.clone(), execution.runner));
+            }
+        }
+        if running.len() == ids.len() {
+            break running
+                .into_iter()
+                .filter(|(_, runner)| of("replica-1", runner))
+                .map(|(id, _)| id)
+                .collect();
+        }
+        assert!(Instant::now() < deadline, "the executions did not all start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!on_stopping.is_empty(), "nothing ran on the replica to stop");
+    let asked = Instant::now();
+    let drained_in = stopping.terminate();
+    assert!(drained_in < Duration::from_secs(5), "drained in {drained_in:?} (drain timeout 1s)");
+    for id in &on_stopping {
+        loop {
+            let execution = setup.get(id).await;
+            if execution.attempt == 2 && of("replica-0", &execution.runner) {
+                break;
+            }
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "{id} was not taken over at once: {execution:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let taken_over_in = asked.elapsed();
+    setup.until_all_ended(Duration::from_secs(30)).await;
+    for (id, value) in &ids {
+        let (attempt, _) = check(&env, &setup, id, *value).await;
+        let handed_back = on_stopping.contains(id);
+        assert_eq!(attempt, if handed_back { 2 } else { 1 }, "{id}");
+        if handed_back {
+            let stream = stream_of(&env, id).await;
+            assert!(
+                stream.logs.iter().any(|l| l.contains("is stopping: the execution goes to another replica")),
+                "{stream:?}"
+            );
+        }
+    }
+    println!(
+        "SIGTERM: drained in {drained_in:?} (drain timeout 1s); {} handed back and running elsewhere {taken_over_in:?} after the signal (lease 30s)",
+        on_stopping.len()
+    );
+    drop(csp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_hands_back_what_it_cannot_finish_external() {
+    csp_testkit::run(Backend::External, a_stopping_replica_hands_back_what_it_cannot_finish).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,7 @@
 //! `executions`: small executions per second — `source.input` → `transform.set` →
 //! `sink.output`, each started with StartExecution and followed with WatchExecution to its end,
-//! as a client does — on the embedded default and on PostgreSQL + Redis.
+//! as a client does — on the embedded default, and on PostgreSQL + Redis with 1, 2 and 3
+//! executor replicas sharing the job queue, with the CPU each execution costs.
 
 use std::{
     net::SocketAddr,
@@ -33,19 +34,30 @@ pub(crate) fn run() -> anyhow::Result<()> {
         let outcome = measure(&env, "embedded").await;
         env.teardown().await;
         outcome?;
-        let env = crate::external_env().await;
-        let outcome = measure(&env, "PostgreSQL + Redis").await;
-        env.teardown().await;
-        outcome
+        // Replicas share the database and the queue; each has its own Redis connections, as a
+        // process of its own would. (One machine: the replicas share its cores.)
+        for replicas in 1..=3 {
+            let env = crate::external_env().await;
+            let label = format!(
+                "PostgreSQL + Redis, {replicas} executor replica{}",
+                if replicas > 1 { "s" } else { "" }
+            );
+            let outcome = measure_with(&env, &label, replicas).await;
+            env.teardown().await;
+            outcome?;
+        }
+        Ok(())
     })
 }
 
-/// Starts auth, registry, design and executor; returns the design and executor addresses.
+/// Starts auth, registry, design and `replicas` executors; returns the auth, design and
+/// executor addresses.
 async fn start(
     env: &TestEnv,
     settings: &mut Settings,
     stop: &CancellationToken,
-) -> anyhow::Result<(SocketAddr, SocketAddr, SocketAddr)> {
+    replicas: usize,
+) -> anyhow::Result<(SocketAddr, SocketAddr, Vec<SocketAddr>)> {
     let listener = bind("auth", "127.0.0.1:0".parse()?).await?;
     let auth = csp_auth::Application::with_listener(settings, env.bus(), listener).await?;
     let auth_addr = auth.local_addr();
@@ -60,11 +72,15 @@ async fn start(
     let design_addr = design.local_addr();
     settings.services.design.address = format!("http://{design_addr}");
     tokio::spawn(design.run_until_stopped(stop.clone().cancelled_owned()));
-    let listener = bind("executor", "127.0.0.1:0".parse()?).await?;
-    let executor = csp_executor::Application::with_listener(settings, env.bus(), listener).await?;
-    let executor_addr = executor.local_addr();
-    tokio::spawn(executor.run_until_stopped(stop.clone().cancelled_owned()));
-    Ok((auth_addr, design_addr, executor_addr))
+    let mut executors = Vec::new();
+    for replica in 0..replicas {
+        let listener = bind("executor", "127.0.0.1:0".parse()?).await?;
+        let bus = if replica == 0 { env.bus() } else { env.own_bus().await };
+        let executor = csp_executor::Application::with_listener(settings, bus, listener).await?;
+        executors.push(executor.local_addr());
+        tokio::spawn(executor.run_until_stopped(stop.clone().cancelled_owned()));
+    }
+    Ok((auth_addr, design_addr, executors))
 }
 
 fn op(op: dpb::op::Op) -> dpb::Op {
@@ -138,13 +154,17 @@ async fn one(
 }
 
 async fn measure(env: &TestEnv, label: &str) -> anyhow::Result<()> {
+    measure_with(env, label, 1).await
+}
+
+async fn measure_with(env: &TestEnv, label: &str, replicas: usize) -> anyhow::Result<()> {
     let mut settings = env.settings();
     settings.log.level = "error".into();
     let password = "correct horse battery staple";
     csp_auth::create_user(&settings, "bench", "bench@example.com", password, vec![Role::Designer]).await?;
     let stop = CancellationToken::new();
     let _stop_on_return = stop.clone().drop_guard();
-    let (auth, design_addr, executor) = start(env, &mut settings, &stop).await?;
+    let (auth, design_addr, executors) = start(env, &mut settings, &stop, replicas).await?;
 
     let login = LoginRequest { login: "bench".into(), password: password.into(), api_key: String::new() };
     let auth = Channel::from_shared(format!("http://{auth}"))?.connect().await?;
@@ -160,7 +180,9 @@ async fn measure(env: &TestEnv, label: &str) -> anyhow::Result<()> {
     let design = seed(&mut designs, &token).await?;
 
     let mut channels = Vec::new();
-    for _ in 0..CONNECTIONS {
+    // Clients spread over the replicas, as behind a load balancer.
+    for i in 0..CONNECTIONS.max(executors.len()) {
+        let executor = executors[i % executors.len()];
         channels.push(Channel::from_shared(format!("http://{executor}"))?.connect().await?);
     }
     let started = Instant::now();
@@ -172,7 +194,7 @@ async fn measure(env: &TestEnv, label: &str) -> anyhow::Result<()> {
     let until = measuring + RUN_FOR;
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        let mut client = ExecutorServiceClient::new(channels[i % CONNECTIONS].clone());
+        let mut client = ExecutorServiceClient::new(channels[i % channels.len()].clone());
         let (token, design) = (token.clone(), design.clone());
         clients.push(tokio::spawn(async move {
             let (mut done, mut failed, mut latencies) = (0u64, 0u64, Vec::new());

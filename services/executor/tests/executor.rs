@@ -742,6 +742,29 @@ async fn permissions_and_bad_requests(env: TestEnv) {
     );
 }
 
+/// Dead letters are for admins: others are refused, admins get a (here empty) page.
+async fn dead_letters_are_for_admins(env: TestEnv) {
+    let mut h = start(&env).await;
+    let designer = h.issuer.token("dora", &[Role::Designer]);
+    let status = h
+        .executor
+        .list_dead_letters(authed(pb::ListDeadLettersRequest::default(), &designer))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let admin = h.issuer.token("root", &[Role::Admin]);
+    let page = h
+        .executor
+        .list_dead_letters(authed(pb::ListDeadLettersRequest::default(), &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.dead_letters.is_empty() && page.next_page_token.is_empty());
+    let request = pb::ListDeadLettersRequest { page_size: -1, ..Default::default() };
+    let status = h.executor.list_dead_letters(authed(request, &admin)).await.unwrap_err();
+    assert_eq!(violations(&status)[0].0, "page_size");
+}
+
 /// One execution is one trace: every event on its stream, from QUEUED to the end, carries the
 /// trace of the call that started it, so a trace viewer shows the run under that call.
 async fn every_event_carries_the_trace_of_the_start(env: TestEnv) {
@@ -847,6 +870,7 @@ async fn a_start_the_bus_refuses_ends_failed() {
 }
 
 csp_testkit::backend_tests!(
+    dead_letters_are_for_admins,
     a_lost_job_queue_is_made_again,
     every_event_carries_the_trace_of_the_start,
     a_watch_from_trimmed_events_is_told,

@@ -61,6 +61,7 @@ impl Executor {
     /// Starts reading jobs, claiming those of stopped replicas, renewing leases, following
     /// control commands and keeping the queue (metrics, compaction).
     pub(crate) async fn spawn_workers(self: &Arc<Self>) -> Result<(), Error> {
+        describe_metrics();
         self.bus.create_group(JOBS, GROUP, GroupStart::Beginning).await?;
         let control = self.bus.tail(CONTROL, None).await?;
         tokio::spawn(self.clone().take_jobs());
@@ -472,6 +473,47 @@ impl Executor {
             }
         }
     }
+}
+
+/// Describes the worker's metrics, each at zero until it counts something.
+fn describe_metrics() {
+    let counters = [
+        ("csp_executor_job_deliveries_total", "Jobs delivered to this replica (new, claimed or handed back)"),
+        (
+            "csp_executor_job_claims_total",
+            "Jobs this replica took over from a replica that stopped renewing them",
+        ),
+        (
+            "csp_executor_lease_expiries_total",
+            "Executions this replica found taken over by another (its lease ran out)",
+        ),
+        ("csp_executor_drains_total", "Drains (SIGTERM) of this replica"),
+        (
+            "csp_executor_handed_back_total",
+            "Executions handed back to the queue by a drain that ran out of time",
+        ),
+        ("csp_executor_dead_letters_total", "Jobs given up after executor.max_deliveries deliveries"),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    metrics::describe_counter!(
+        "csp_executor_fenced_writes_total",
+        "Writes and publications refused because another replica had taken the execution over, by kind"
+    );
+    for write in ["start", "progress", "finish", "publish"] {
+        metrics::counter!("csp_executor_fenced_writes_total", "write" => write).increment(0);
+    }
+    metrics::describe_gauge!(
+        "csp_executor_queue_waiting",
+        "Jobs queued and not delivered to any replica yet"
+    );
+    metrics::describe_gauge!(
+        "csp_executor_queue_pending",
+        "Jobs delivered and not finished (running, or abandoned)"
+    );
+    metrics::describe_gauge!("csp_executor_running", "Executions this replica runs");
 }
 
 /// An end with a failure.
