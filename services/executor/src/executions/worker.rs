@@ -122,12 +122,16 @@ impl Executor {
         let lease = self.settings.executor.lease;
         let mut claimed_at = Instant::now();
         loop {
+            if self.taking.is_cancelled() {
+                return;
+            }
             let first = tokio::select! {
+                biased;
+                () = self.taking.cancelled() => return,
                 permit = self.slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => return,
                 },
-                () = self.taking.cancelled() => return,
             };
             let mut permits = vec![first];
             while let Ok(more) = self.slots.clone().try_acquire_owned() {
@@ -199,6 +203,7 @@ impl Executor {
                 return;
             }
             running.insert(id.clone(), run.clone());
+            metrics::gauge!("csp_executor_running").set(running.len() as f64);
         }
         let span = tracing::info_span!("execution", execution_id = %id, attempt = tracing::field::Empty);
         job.event.follow_trace(&span);
@@ -239,7 +244,9 @@ impl Executor {
             }
             Err(e) => self.failed_delivery(&run, job.deliveries, &e).await,
         }
-        lock(&self.running).remove(&id);
+        let mut running = lock(&self.running);
+        running.remove(&id);
+        metrics::gauge!("csp_executor_running").set(running.len() as f64);
     }
 
     /// Runs a delivered job's execution, from its start to its recorded end.
@@ -460,7 +467,6 @@ impl Executor {
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
                 () = self.workers.cancelled() => return,
             }
-            metrics::gauge!("csp_executor_running").set(lock(&self.running).len() as f64);
             if let Ok(backlog) = self.bus.backlog(JOBS, GROUP).await {
                 metrics::gauge!("csp_executor_queue_waiting").set(backlog.waiting as f64);
                 metrics::gauge!("csp_executor_queue_pending").set(backlog.pending as f64);
