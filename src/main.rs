@@ -10,7 +10,7 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::{future::Future, path::PathBuf, pin::Pin, process::ExitCode};
+use std::{future::Future, path::PathBuf, pin::Pin, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -42,6 +42,19 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+    /// Ask a running server for its health (`grpc.health.v1`); exit 0 when it is SERVING, 1
+    /// otherwise. For container health checks: it needs no configuration.
+    Health {
+        /// The server's address (host:port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// The service to ask about (e.g. csp.executor.v1.ExecutorService); empty: the server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_seconds: u64,
     },
     /// Apply pending database migrations.
     Migrate {
@@ -129,6 +142,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Health { addr, service, timeout_seconds } = &cli.command {
+        return health(addr, service, Duration::from_secs(*timeout_seconds)).await;
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve { target } => {
@@ -149,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("created user {username} ({id}) with roles {}", roles.join(", "));
             Ok(())
         }
+        Command::Health { .. } => Ok(()),
         Command::Migrate { target } => {
             let _telemetry =
                 csp_platform::telemetry::init(&settings, "csp-migrate").map_err(anyhow::Error::msg)?;
@@ -164,6 +181,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `csp health`: one `grpc.health.v1.Health/Check`.
+async fn health(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+        let request = HealthCheckRequest { service: service.to_owned() };
+        anyhow::Ok(HealthClient::new(channel).check(request).await?.into_inner().status)
+    };
+    let status = tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer within {}s", timeout.as_secs()))?
+        .with_context(|| format!("{addr} is not healthy"))?;
+    if status == ServingStatus::Serving as i32 {
+        println!("SERVING");
+        return Ok(());
+    }
+    let name = ServingStatus::try_from(status).map_or("UNKNOWN", |s| s.as_str_name());
+    anyhow::bail!("{addr} is {name}")
 }
 
 /// The new user's password: CSP_ADMIN_PASSWORD, else one line of standard input.

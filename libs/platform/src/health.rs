@@ -53,6 +53,11 @@ impl std::fmt::Debug for Dependencies {
     }
 }
 
+/// The `grpc.health.v1` service name that is SERVING as long as the server runs, whatever its
+/// dependencies (and while it drains): for liveness probes, which should restart a stuck
+/// process, not every replica when the database is away.
+pub const LIVENESS: &str = "liveness";
+
 /// Upper bound of one probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -213,6 +218,7 @@ impl ServerHealth {
 
     /// Probes the dependencies and sets the tracked services SERVING or NOT_SERVING.
     pub async fn refresh(&self) -> bool {
+        self.publish(LIVENESS, ServingStatus::Serving).await;
         let dependencies = lock(&self.inner.dependencies).clone();
         let up = dependencies.check_all(self.server).await;
         let status =
