@@ -72,6 +72,16 @@ async fn serving(addr: SocketAddr, service: &str) -> ServingStatus {
     ServingStatus::try_from(response.into_inner().status).unwrap()
 }
 
+/// Waits, as a readiness probe would, until `service` is SERVING on the gateway (which mirrors
+/// each upstream's health stream and retries an upstream that is not up yet with a backoff).
+async fn wait_serving(addr: SocketAddr, service: &str) {
+    let started = Instant::now();
+    while serving(addr, service).await != ServingStatus::Serving {
+        assert!(started.elapsed() < Duration::from_secs(10), "{service} is not serving");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The first-run experience: everything up, discoverable, healthy and measured, then a clean
 /// stop on SIGTERM.
 async fn the_whole_system_runs_and_stops_cleanly(env: TestEnv) {
@@ -98,11 +108,7 @@ async fn the_whole_system_runs_and_stops_cleanly(env: TestEnv) {
     }
 
     for service in csp_proto::SERVICE_NAMES {
-        let started = Instant::now();
-        while serving(addr, service).await != ServingStatus::Serving {
-            assert!(started.elapsed() < Duration::from_secs(10), "{service} is not serving");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_serving(addr, service).await;
     }
 
     let (code, body) = http_get(addr, "/health").await;
@@ -539,7 +545,7 @@ async fn a_disabled_feature_names_its_flag() {
     assert_eq!(status.code(), Code::Unimplemented);
     assert!(status.message().contains("features.ai"), "{}", status.message());
     // The service itself is up: switched off is not broken.
-    assert_eq!(serving(csp.gateway, "csp.ai.v1.AiService").await, ServingStatus::Serving);
+    wait_serving(csp.gateway, "csp.ai.v1.AiService").await;
     assert!(csp.terminate().success());
 }
 
