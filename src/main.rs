@@ -261,6 +261,10 @@ async fn start_service(
 }
 
 async fn serve(mut settings: Settings, target: Target) -> anyhow::Result<()> {
+    // Before any service is built: services describe their metrics as they start.
+    if settings.metrics.enabled {
+        csp_platform::metrics::install();
+    }
     let gateway_stop = CancellationToken::new();
     let services_stop = CancellationToken::new();
     let mut gateway_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;

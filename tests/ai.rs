@@ -145,7 +145,7 @@ async fn an_ai_design_runs_and_its_usage_is_attributed(env: TestEnv) {
     for line in [
         r#"csp_ai_requests_total{provider="offline",model="offline-1",outcome="ok"} 2"#,
         r#"csp_ai_tokens_total{provider="offline",model="offline-1",kind="prompt"}"#,
-        r#"csp_ai_cost_total{provider="offline",model="offline-1"}"#,
+        r#"csp_ai_cost_usd{provider="offline",model="offline-1"}"#,
         "csp_ai_request_duration_seconds_bucket",
     ] {
         assert!(metrics.contains(line), "{line} is not on /metrics");

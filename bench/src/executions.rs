@@ -1,7 +1,8 @@
 //! `executions`: small executions per second — `source.input` → `transform.set` →
 //! `sink.output`, each started with StartExecution and followed with WatchExecution to its end,
 //! as a client does — on the embedded default, and on PostgreSQL + Redis with 1, 2 and 3
-//! executor replicas sharing the job queue, with the CPU each execution costs.
+//! executor replicas sharing the job queue, with the CPU each execution costs; then on the
+//! embedded default again with every span recorded, as `csp serve` records them.
 
 use std::{
     net::SocketAddr,
@@ -46,7 +47,15 @@ pub(crate) fn run() -> anyhow::Result<()> {
             env.teardown().await;
             outcome?;
         }
-        Ok(())
+        // Last (the subscriber stays once installed): with tracing as `csp serve` has it —
+        // every span recorded (calls, executions, one per node), no exporter.
+        let mut settings = Settings::default();
+        settings.log.level = "warn".into();
+        let _telemetry = csp_platform::telemetry::init(&settings, "csp-bench").map_err(anyhow::Error::msg)?;
+        let env = TestEnv::embedded().await;
+        let outcome = measure(&env, "embedded, traced").await;
+        env.teardown().await;
+        outcome
     })
 }
 

@@ -34,6 +34,11 @@ pub const TOKEN_ISSUER: &str = "csp-auth";
 pub const TOKEN_AUDIENCE: &str = "csp";
 /// Least time between two key fetches triggered by unknown key ids.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Least time between two such fetches after one that failed (the auth service was not up
+/// yet, or away): short, so a service started before the auth service accepts tokens as soon
+/// as it is up, and still bounded, so unknown key ids cannot hammer an auth service that is
+/// down.
+pub const REFETCH_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Tolerated clock skew when checking `exp` and `nbf`, in seconds.
 const LEEWAY_SECONDS: u64 = 5;
 /// Verified tokens kept in the cache.
@@ -386,7 +391,8 @@ pub struct Verifier {
 struct VerifierInner {
     source: Arc<dyn KeySource>,
     keys: RwLock<HashMap<String, DecodingKey>>,
-    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When the keys were last fetched, and whether that fetch succeeded.
+    fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// User id → tokens issued before this millisecond are revoked.
     revoked: RwLock<HashMap<String, i64>>,
     cache: Mutex<HashMap<String, Arc<Principal>>>,
@@ -501,14 +507,17 @@ impl Verifier {
     }
 
     /// Fetches the keys again. With `throttled`, does nothing if the last fetch was less than
-    /// [`REFETCH_INTERVAL`] ago (an attacker's unknown `kid`s cannot hammer the auth service).
+    /// [`REFETCH_INTERVAL`] ago, or [`REFETCH_AFTER_FAILURE`] after a failed one (an
+    /// attacker's unknown `kid`s cannot hammer the auth service).
     pub async fn refresh_keys(&self, throttled: bool) -> Result<(), AuthError> {
         let mut last = self.inner.fetch.lock().await;
-        if throttled && last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
+        let wait = |ok: bool| if ok { REFETCH_INTERVAL } else { REFETCH_AFTER_FAILURE };
+        if throttled && last.is_some_and(|(at, ok)| at.elapsed() < wait(ok)) {
             return Ok(());
         }
-        *last = Some(Instant::now());
-        let keys = self.inner.source.fetch().await.map_err(AuthError::KeysUnavailable)?;
+        let fetched = self.inner.source.fetch().await;
+        *last = Some((Instant::now(), fetched.is_ok()));
+        let keys = fetched.map_err(AuthError::KeysUnavailable)?;
         let mut parsed = HashMap::new();
         for key in keys {
             match DecodingKey::from_ed_components(&key.x) {
@@ -708,12 +717,17 @@ mod tests {
     struct Rotating {
         keys: Mutex<Vec<(String, SigningKey)>>,
         fetches: AtomicUsize,
+        /// The auth service is not answering.
+        down: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
     impl KeySource for Rotating {
         async fn fetch(&self) -> Result<Vec<PublicKey>, String> {
             self.fetches.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err("connection refused".into());
+            }
             Ok(lock(&self.keys)
                 .iter()
                 .map(|(kid, k)| PublicKey {
@@ -752,6 +766,7 @@ mod tests {
         let source = Arc::new(Rotating {
             keys: Mutex::new(vec![("old".into(), old.clone())]),
             fetches: AtomicUsize::new(0),
+            down: Default::default(),
         });
         let verifier = Verifier::new(source.clone());
         assert!(verifier.verify(&token(&old, "old")).await.is_ok());
@@ -760,7 +775,7 @@ mod tests {
         // The issuer rotates; the first token with the new kid triggers one fetch... but the
         // last fetch was just now, so the throttle holds it back — until it expires.
         lock(&source.keys).push(("new".into(), new.clone()));
-        *verifier.inner.fetch.lock().await = Some(Instant::now() - REFETCH_INTERVAL);
+        *verifier.inner.fetch.lock().await = Some((Instant::now() - REFETCH_INTERVAL, true));
         assert!(verifier.verify(&token(&new, "new")).await.is_ok());
         assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
 
@@ -775,12 +790,37 @@ mod tests {
         assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
     }
 
+    /// A service that starts before the auth service (a first boot, a restart of everything)
+    /// accepts tokens within a second of the auth service answering, not after the 10 s
+    /// throttle; while the auth service is down, unknown kids still cost one fetch a second.
+    #[tokio::test]
+    async fn a_service_started_before_the_auth_service_accepts_tokens_once_it_answers() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let source = Arc::new(Rotating {
+            keys: Mutex::new(vec![("k".into(), key.clone())]),
+            fetches: AtomicUsize::new(0),
+            down: std::sync::atomic::AtomicBool::new(true),
+        });
+        let verifier = Verifier::new(source.clone());
+        assert!(verifier.refresh_keys(false).await.is_err());
+        for _ in 0..20 {
+            assert!(matches!(verifier.verify(&token(&key, "k")).await, Err(AuthError::UnknownKey)));
+        }
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 1, "throttled while down");
+
+        source.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(REFETCH_AFTER_FAILURE + Duration::from_millis(50)).await;
+        assert!(verifier.verify(&token(&key, "k")).await.is_ok());
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn revocations_apply_to_tokens_issued_before_them_even_when_cached() {
         let key = SigningKey::from_bytes(&[4; 32]);
         let source = Arc::new(Rotating {
             keys: Mutex::new(vec![("k".into(), key.clone())]),
             fetches: AtomicUsize::new(0),
+            down: Default::default(),
         });
         let verifier = Verifier::new(source);
         let before = token(&key, "k");

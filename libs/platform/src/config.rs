@@ -80,6 +80,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// Prometheus metrics.
     pub metrics: MetricsSettings,
+    /// Alert thresholds, evaluated in every process.
+    pub alerts: AlertSettings,
     /// The relational database.
     pub database: DatabaseSettings,
     /// Redis (the event bus and counters in distributed mode).
@@ -113,6 +115,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             telemetry: TelemetrySettings::default(),
             metrics: MetricsSettings::default(),
+            alerts: AlertSettings::default(),
             database: DatabaseSettings::default(),
             redis: RedisSettings::default(),
             server: ServerSettings::default(),
@@ -174,6 +177,52 @@ pub struct MetricsSettings {
 impl Default for MetricsSettings {
     fn default() -> Self {
         Self { enabled: true }
+    }
+}
+
+/// Alert thresholds. Each process evaluates the rules it has the numbers for (every server:
+/// error rate and latency; the executor: the queue and takeovers; the AI service: spend) every
+/// `interval_seconds` over the last `window_seconds`, and reports them on `GET /alerts` and as
+/// `csp_alert_firing{alert}`. The Helm chart renders the same thresholds into its
+/// PrometheusRule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertSettings {
+    /// Evaluate the rules at all.
+    pub enabled: bool,
+    /// Seconds between two evaluations.
+    pub interval_seconds: u64,
+    /// Seconds of history the rates and the latency are computed over.
+    pub window_seconds: u64,
+    /// Fires when more than this fraction of the calls in the window failed on the server's
+    /// side (Unknown, Internal, Unavailable, DataLoss, DeadlineExceeded)...
+    pub error_rate: f64,
+    /// ... and the window held at least this many calls.
+    pub min_calls: u64,
+    /// Fires when the p99 duration of unary calls in the window is above this.
+    pub p99_latency_seconds: f64,
+    /// Fires when more executions than this wait for a replica.
+    pub queue_depth: u64,
+    /// Fires when more executions than this were taken over in the window from replicas that
+    /// stopped renewing their leases (a replica lost: killed, frozen or cut off).
+    pub takeovers: u64,
+    /// Fires when the AI spend of the last hour, across replicas, is above this (US dollars).
+    pub ai_cost_per_hour_usd: f64,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_seconds: 15,
+            window_seconds: 300,
+            error_rate: 0.05,
+            min_calls: 20,
+            p99_latency_seconds: 2.5,
+            queue_depth: 1000,
+            takeovers: 0,
+            ai_cost_per_hour_usd: 25.0,
+        }
     }
 }
 
@@ -925,6 +974,19 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "gateway.max_message_bytes",
                 message: "must be at least 1024".into(),
+            });
+        }
+        if self.alerts.interval_seconds == 0 || self.alerts.window_seconds < self.alerts.interval_seconds {
+            return Err(ConfigError::Invalid {
+                key: "alerts.window_seconds",
+                message: "interval_seconds must be at least 1 and window_seconds at least interval_seconds"
+                    .into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.alerts.error_rate) {
+            return Err(ConfigError::Invalid {
+                key: "alerts.error_rate",
+                message: "must be between 0 and 1".into(),
             });
         }
         if self.server.concurrency_limit == 0 {

@@ -1,4 +1,4 @@
-//! `GET /health` and `GET /metrics` on a gRPC port.
+//! `GET /health`, `GET /metrics` and `GET /alerts` on a gRPC port.
 //!
 //! Every server of the suite answers these two plain HTTP requests on its gRPC port (HTTP/1.1
 //! or h2), so probes and scrapers need no second port. Everything else passes through.
@@ -74,6 +74,11 @@ where
                     Ok(plain(status, "application/json", text))
                 })
             }
+            (true, "/alerts") => Box::pin(async {
+                let mut text = serde_json::to_vec_pretty(&crate::alerts::report()).unwrap_or_default();
+                text.push(b'\n');
+                Ok(plain(StatusCode::OK, "application/json", text))
+            }),
             (true, "/livez") => Box::pin(async { Ok(plain(StatusCode::OK, "text/plain", b"ok\n".to_vec())) }),
             (true, "/metrics") if self.metrics => Box::pin(async {
                 Ok(plain(

@@ -9,6 +9,7 @@
 //! - [`client`]: channels to the other services; [`component`]: one call of a remote component.
 //! - [`auth`]: roles and permissions, access-token verification, the auth layer.
 
+pub mod alerts;
 pub mod auth;
 pub mod client;
 pub mod component;

@@ -4,15 +4,21 @@
 //! for `GET /metrics`. [`ObserveLayer`] wraps a gRPC server: for every call it opens a server
 //! span (parented to the caller's `traceparent`) and records
 //! `csp_grpc_requests_total{server,service,method,code}`,
-//! `csp_grpc_request_duration_seconds{server,service,method}` (until the last byte of the
-//! response, so streams count their whole life) and `csp_grpc_requests_in_flight{server}`.
+//! `csp_grpc_request_duration_seconds{server,service,method}` for unary calls (until the last
+//! byte of the response), `csp_grpc_stream_duration_seconds{server,service,method}` for
+//! streaming calls (their whole life: a latency they are not) and
+//! `csp_grpc_requests_in_flight{server}`. The same calls feed [`call_counts`], which the
+//! in-process alert rules read.
 //! Paths that are not a known RPC are labelled `unknown`, so a client cannot blow up the
 //! label cardinality.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     pin::Pin,
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
@@ -32,10 +38,56 @@ use crate::telemetry::{HeaderExtractor, set_parent_from};
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
-const LATENCY_BUCKETS: &[f64] = &[
+pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     30.0,
 ];
+const BUCKETS: usize = 17;
+const _: () = assert!(LATENCY_BUCKETS.len() == BUCKETS);
+
+/// This process's calls since it started, as the alert rules read them (health checks and
+/// reflection left out: they are not the product's traffic).
+struct CallStats {
+    calls: AtomicU64,
+    /// Calls that ended with a server-side failure (see [`is_server_failure`]).
+    failures: AtomicU64,
+    /// Unary calls by latency bucket (the last one: above the largest bound).
+    unary: [AtomicU64; BUCKETS + 1],
+}
+
+static CALLS: CallStats = CallStats {
+    calls: AtomicU64::new(0),
+    failures: AtomicU64::new(0),
+    unary: [const { AtomicU64::new(0) }; BUCKETS + 1],
+};
+
+/// A reading of this process's call counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    /// Calls finished.
+    pub calls: u64,
+    /// Of which failed on the server's side.
+    pub failures: u64,
+    /// Unary calls per bucket of [`LATENCY_BUCKETS`], plus one above the largest.
+    pub unary: Vec<u64>,
+}
+
+/// This process's call counters since it started.
+pub fn call_counts() -> CallCounts {
+    CallCounts {
+        calls: CALLS.calls.load(Ordering::Relaxed),
+        failures: CALLS.failures.load(Ordering::Relaxed),
+        unary: CALLS.unary.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
+    }
+}
+
+/// The codes that mean the server failed, not the caller: what the error-rate alert counts.
+pub fn is_server_failure(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown | Code::Internal | Code::Unavailable | Code::DataLoss | Code::DeadlineExceeded
+    )
+}
 
 /// Installs the process-wide Prometheus recorder (once; later calls are no-ops) and describes
 /// the shared metrics. Returns whether metrics are being recorded.
@@ -69,7 +121,12 @@ fn describe() {
     metrics::describe_histogram!(
         "csp_grpc_request_duration_seconds",
         metrics::Unit::Seconds,
-        "Time from request to the end of the response, by server, service and method"
+        "Time from request to the end of the response of unary calls, by server, service and method"
+    );
+    metrics::describe_histogram!(
+        "csp_grpc_stream_duration_seconds",
+        metrics::Unit::Seconds,
+        "Lifetime of streaming calls, by server, service and method"
     );
     metrics::describe_gauge!("csp_grpc_requests_in_flight", "gRPC calls being handled, by server");
     metrics::describe_gauge!(
@@ -86,11 +143,12 @@ pub fn render() -> String {
     }
 }
 
-/// Every `/package.Service/Method` path declared by the protos, plus health and reflection.
-fn known_paths() -> &'static HashSet<String> {
-    static PATHS: OnceLock<HashSet<String>> = OnceLock::new();
+/// Every `/package.Service/Method` path declared by the protos, plus health and reflection,
+/// and whether the method streams (either way).
+fn known_paths() -> &'static HashMap<String, bool> {
+    static PATHS: OnceLock<HashMap<String, bool>> = OnceLock::new();
     PATHS.get_or_init(|| {
-        let mut paths = HashSet::new();
+        let mut paths = HashMap::new();
         for encoded in [
             csp_proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -103,7 +161,11 @@ fn known_paths() -> &'static HashSet<String> {
             for file in fds.file {
                 for service in &file.service {
                     for method in &service.method {
-                        paths.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                        let streams = method.client_streaming() || method.server_streaming();
+                        paths.insert(
+                            format!("/{}.{}/{}", file.package(), service.name(), method.name()),
+                            streams,
+                        );
                     }
                 }
             }
@@ -114,13 +176,18 @@ fn known_paths() -> &'static HashSet<String> {
 
 /// Splits a known RPC path into (service, method); anything else is `("unknown", "unknown")`.
 pub fn rpc_labels(path: &str) -> (&'static str, &'static str) {
-    match known_paths().get(path) {
-        Some(known) => {
+    match known_paths().get_key_value(path) {
+        Some((known, _)) => {
             let trimmed = &known[1..];
             trimmed.split_once('/').unwrap_or(("unknown", "unknown"))
         }
         None => ("unknown", "unknown"),
     }
+}
+
+/// Whether a known RPC path is a streaming method.
+fn is_streaming(path: &str) -> bool {
+    known_paths().get(path).copied().unwrap_or(false)
 }
 
 /// The gRPC status of a response head or trailers, if it carries one.
@@ -221,7 +288,8 @@ where
             server = self.server,
         );
         set_parent_from(&span, &HeaderExtractor(request.headers()));
-        let call = CallRecord::start(self.server, service, method, span.clone());
+        let streaming = is_streaming(request.uri().path());
+        let call = CallRecord::start(self.server, service, method, streaming, span.clone());
         // Enter the span for the synchronous part of `call` too: a forwarding service reads
         // the current trace context there.
         let future = span.in_scope(|| self.inner.call(request)).instrument(span);
@@ -243,15 +311,22 @@ struct CallRecord {
     server: &'static str,
     service: &'static str,
     method: &'static str,
+    streaming: bool,
     started: Instant,
     span: tracing::Span,
     done: bool,
 }
 
 impl CallRecord {
-    fn start(server: &'static str, service: &'static str, method: &'static str, span: tracing::Span) -> Self {
+    fn start(
+        server: &'static str,
+        service: &'static str,
+        method: &'static str,
+        streaming: bool,
+        span: tracing::Span,
+    ) -> Self {
         metrics::gauge!("csp_grpc_requests_in_flight", "server" => server).increment(1.0);
-        Self { server, service, method, started: Instant::now(), span, done: false }
+        Self { server, service, method, streaming, started: Instant::now(), span, done: false }
     }
 
     fn finish(mut self, code: Code) {
@@ -274,13 +349,24 @@ impl CallRecord {
             "code" => code_label(code),
         )
         .increment(1);
-        metrics::histogram!(
-            "csp_grpc_request_duration_seconds",
-            "server" => self.server,
-            "service" => self.service,
-            "method" => self.method,
-        )
-        .record(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        let duration = if self.streaming {
+            "csp_grpc_stream_duration_seconds"
+        } else {
+            "csp_grpc_request_duration_seconds"
+        };
+        metrics::histogram!(duration, "server" => self.server, "service" => self.service, "method" => self.method)
+            .record(seconds);
+        if !self.service.starts_with("grpc.") {
+            CALLS.calls.fetch_add(1, Ordering::Relaxed);
+            if is_server_failure(code) {
+                CALLS.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            if !self.streaming {
+                let bucket = LATENCY_BUCKETS.iter().position(|bound| seconds <= *bound).unwrap_or(BUCKETS);
+                CALLS.unary[bucket].fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
             tracing::warn!(parent: &self.span, code = ?code, elapsed_ms = elapsed.as_millis() as u64, "call failed");
         } else {

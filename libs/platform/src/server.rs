@@ -5,7 +5,7 @@
 //! with the suite's common stack:
 //!
 //! ```text
-//! HttpEndpoints               GET /health (JSON), GET /metrics (Prometheus)
+//! HttpEndpoints               GET /health (JSON), GET /metrics (Prometheus), GET /alerts
 //!  └ edge                     (the gateway: CORS, grpc-web)
 //!     └ ObserveLayer          server span from `traceparent`, csp_grpc_* metrics
 //!        └ AuthLayer          bearer token → Principal in the request (when configured)
@@ -103,6 +103,7 @@ pub struct GrpcServer {
     local_addr: SocketAddr,
     settings: ServerSettings,
     metrics: bool,
+    alerts: crate::config::AlertSettings,
     routes: RoutesBuilder,
     served: Vec<&'static str>,
     reflected: Option<Vec<&'static str>>,
@@ -126,6 +127,7 @@ impl GrpcServer {
             local_addr,
             settings: settings.server.clone(),
             metrics: settings.metrics.enabled && crate::metrics::install(),
+            alerts: settings.alerts.clone(),
             routes: Routes::builder(),
             served: Vec::new(),
             reflected: None,
@@ -210,6 +212,7 @@ impl GrpcServer {
             local_addr,
             settings,
             metrics,
+            alerts,
             mut routes,
             served,
             reflected,
@@ -235,6 +238,7 @@ impl GrpcServer {
         let registration = crate::local::register(local_addr, observed.clone(), settings.request_timeout);
         let service =
             ServiceBuilder::new().layer(HttpEndpointsLayer::new(report, metrics)).service(edge(observed));
+        crate::alerts::start(&alerts);
         health.refresh().await;
         let monitor = tokio::spawn(health.clone().monitor(settings.health_check_interval));
 

@@ -7,7 +7,7 @@
 //! tokens received so far estimated.
 //!
 //! Metrics: `csp_ai_requests_total{provider,model,outcome}`,
-//! `csp_ai_tokens_total{provider,model,kind}`, `csp_ai_cost_total{provider,model}` (US
+//! `csp_ai_tokens_total{provider,model,kind}`, `csp_ai_cost_usd{provider,model}` (US
 //! dollars), `csp_ai_request_duration_seconds{provider,model}` and
 //! `csp_ai_time_to_first_token_seconds{provider,model}`.
 
@@ -83,8 +83,8 @@ pub(crate) fn describe() {
         "Tokens used, by provider, model and kind (prompt, completion)"
     );
     metrics::describe_gauge!(
-        "csp_ai_cost_total",
-        "Cost of AI requests in US dollars since start, by provider and model"
+        "csp_ai_cost_usd",
+        "Cost of AI requests in US dollars since the process started, by provider and model (only grows: use increase())"
     );
     metrics::describe_histogram!(
         "csp_ai_request_duration_seconds",
@@ -106,7 +106,7 @@ fn count(route: &Route, outcome: &'static str, tokens: Tokens, cost: f64, took: 
         .increment(tokens.prompt);
     metrics::counter!("csp_ai_tokens_total", "provider" => p.clone(), "model" => m.clone(), "kind" => "completion")
         .increment(tokens.completion);
-    metrics::gauge!("csp_ai_cost_total", "provider" => p.clone(), "model" => m.clone()).increment(cost);
+    metrics::gauge!("csp_ai_cost_usd", "provider" => p.clone(), "model" => m.clone()).increment(cost);
     metrics::histogram!("csp_ai_request_duration_seconds", "provider" => p, "model" => m)
         .record(took.as_secs_f64());
 }

@@ -29,6 +29,7 @@ use csp_store::StoreError;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
+mod alerts;
 mod analyze;
 mod calls;
 mod catalog;
@@ -98,8 +99,10 @@ impl Application {
             usage: usage::UsageStore::start(db.conn().clone()),
             settings: settings.ai.clone(),
         };
+        let engine = Arc::new(engine);
+        alerts::register(&engine, settings.alerts.ai_cost_per_hour_usd);
         let ai = Arc::new(service::Ai {
-            engine: Arc::new(engine),
+            engine,
             conversations: conversations::Conversations::new(db.conn().clone()),
         });
         let api = AiServiceServer::new(grpc::AiApi::new(ai.clone(), designs::Designs::new(settings)?))

@@ -48,6 +48,10 @@ pub(crate) fn describe() {
         "csp_collab_connections_active",
         "Join and Session streams open on this replica"
     );
+    // Present (at zero) before the first stream opens.
+    metrics::gauge!("csp_collab_connections_active").increment(0.0);
+    metrics::counter!("csp_collab_joins_total").increment(0);
+    metrics::counter!("csp_collab_events_sent_total").increment(0);
     metrics::describe_gauge!("csp_collab_sessions", "Live collaboration sessions across the cluster");
     metrics::describe_counter!("csp_collab_joins_total", "Sessions joined or resumed through this replica");
     metrics::describe_counter!("csp_collab_events_sent_total", "Events sent to clients by this replica");

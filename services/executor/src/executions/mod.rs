@@ -18,6 +18,7 @@
 //! - [`watch`]: WatchExecution reads `execution:<id>`, resuming after the last event id a
 //!   client saw; [`reads`]: GetExecution, ListExecutions, ListDeadLetters.
 
+mod alerts;
 mod control;
 mod events;
 mod leases;
@@ -187,6 +188,8 @@ pub(crate) struct Executor {
     runs: TaskTracker,
     /// Set when another replica handed jobs back: claim them without waiting.
     claim_soon: AtomicBool,
+    /// Jobs this replica took over from another (for the takeover alert).
+    takeovers: std::sync::atomic::AtomicU64,
     /// Held while jobs are renewed or handed back, so that a renewal never holds a job again
     /// after it was handed back.
     renewing: tokio::sync::Mutex<()>,
@@ -246,6 +249,7 @@ impl Executor {
             workers: CancellationToken::new(),
             runs: TaskTracker::new(),
             claim_soon: AtomicBool::new(false),
+            takeovers: std::sync::atomic::AtomicU64::new(0),
             renewing: tokio::sync::Mutex::new(()),
         }))
     }

@@ -62,6 +62,7 @@ impl Executor {
     /// control commands and keeping the queue (metrics, compaction).
     pub(crate) async fn spawn_workers(self: &Arc<Self>) -> Result<(), Error> {
         describe_metrics();
+        super::alerts::register(self);
         self.bus.create_group(JOBS, GROUP, GroupStart::Beginning).await?;
         let control = self.bus.tail(CONTROL, None).await?;
         tokio::spawn(self.clone().take_jobs());
@@ -145,6 +146,7 @@ impl Executor {
                             let Some(permit) = permits.pop() else { break };
                             tracing::warn!(job = %job.event.id, deliveries = job.deliveries, "took over an execution whose replica stopped");
                             metrics::counter!("csp_executor_job_claims_total").increment(1);
+                            self.takeovers.fetch_add(1, Ordering::Relaxed);
                             self.dispatch(job, permit);
                         }
                     }
@@ -463,10 +465,6 @@ impl Executor {
     async fn keep_queue(self: Arc<Self>) {
         let mut compacted = Instant::now();
         loop {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                () = self.workers.cancelled() => return,
-            }
             if let Ok(backlog) = self.bus.backlog(JOBS, GROUP).await {
                 metrics::gauge!("csp_executor_queue_waiting").set(backlog.waiting as f64);
                 metrics::gauge!("csp_executor_queue_pending").set(backlog.pending as f64);
@@ -476,6 +474,10 @@ impl Executor {
                 if let Err(e) = self.bus.compact(JOBS, GROUP, Duration::from_secs(3600)).await {
                     tracing::warn!(error = %e, "cannot compact the job queue");
                 }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = self.workers.cancelled() => return,
             }
         }
     }
@@ -520,6 +522,15 @@ fn describe_metrics() {
         "Jobs delivered and not finished (running, or abandoned)"
     );
     metrics::describe_gauge!("csp_executor_running", "Executions this replica runs");
+    metrics::describe_counter!(
+        "csp_executor_executions_total",
+        "Executions queued, and executions ended by final status"
+    );
+    metrics::describe_histogram!(
+        "csp_executor_write_batch_size",
+        "Execution state writes committed together in one database transaction"
+    );
+    crate::runtime::describe_metrics();
 }
 
 /// An end with a failure.

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub(crate) mod channel;
 pub mod components;
@@ -622,7 +623,9 @@ impl Network {
         let _stop_when_dropped = stop.clone().drop_guard();
         // Shared, not copied: for the outcome of a crash only.
         let (shared, types) = (self.shared.clone(), self.types.clone());
-        match shard.clone().spawn(self.supervise(stop, shard)).await {
+        // The network's spans (one per node) are children of the caller's (the execution's).
+        let span = tracing::Span::current();
+        match shard.clone().spawn(self.supervise(stop, shard).instrument(span)).await {
             Ok(outcome) => outcome,
             Err(crashed) => {
                 tracing::error!(error = %crashed, "the execution's supervisor crashed");
@@ -674,6 +677,16 @@ impl Network {
             replayed[idx] = is_replay;
             status[idx] = if is_replay { pb::NodeStatus::Replayed } else { pb::NodeStatus::Running };
             shared.emit(node_status(&shared.node_ids[idx], status[idx], "")).await;
+            // One span per node per execution (not per message), for the whole of its process.
+            let span = tracing::info_span!(
+                "node",
+                otel.name = %format_args!("node {}", shared.node_ids[idx]),
+                node.id = %shared.node_ids[idx],
+                node.type = %types[idx],
+                node.replayed = is_replay,
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+            );
             let handle = tasks.spawn_on(
                 async move {
                     let result = match work {
@@ -686,8 +699,14 @@ impl Network {
                         Work::Feed(rx) => driver.run_feed(rx).await,
                     };
                     waits.done();
+                    if let Err(NodeFailed(error)) = &result {
+                        let span = tracing::Span::current();
+                        span.record("otel.status_code", "ERROR");
+                        span.record("otel.status_message", error.as_str());
+                    }
                     (idx, result)
-                },
+                }
+                .instrument(span),
                 &shard,
             );
             task_nodes.insert(handle.id(), idx);
@@ -869,6 +888,33 @@ async fn deadlocked(
     )
 }
 
+/// Describes the runtime's metrics (HELP text on `/metrics`).
+pub(crate) fn describe_metrics() {
+    let counters = [
+        ("csp_executor_node_messages_total", "Messages received by nodes, by component type"),
+        ("csp_executor_node_sent_total", "Messages sent by nodes, by component type"),
+        ("csp_executor_node_errors_total", "Messages that failed in nodes, by component type"),
+        ("csp_executor_node_retries_total", "Retries of failed messages, by component type"),
+        (
+            "csp_executor_counted_messages_total",
+            "Messages counted by `metrics.counter` nodes, by counter name",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+    }
+    metrics::describe_gauge!(
+        "csp_executor_node_busy_seconds",
+        metrics::Unit::Seconds,
+        "Time nodes spent processing messages, by component type (only grows: use rate())"
+    );
+    metrics::describe_histogram!(
+        "csp_executor_node_processing_p99_seconds",
+        metrics::Unit::Seconds,
+        "Each execution's p99 time to process one message, by component type"
+    );
+}
+
 /// Adds what the nodes did since the last call to the Prometheus counters, by component type.
 fn export_metrics(types: &[String], stats: &[Arc<stats::NodeStats>], last: &mut [pb::NodeMetrics]) {
     for ((type_id, node), last) in types.iter().zip(stats).zip(last.iter_mut()) {
@@ -884,8 +930,7 @@ fn export_metrics(types: &[String], stats: &[Arc<stats::NodeStats>], last: &mut 
         metrics::counter!("csp_executor_node_retries_total", &labels[..])
             .increment(delta(now.retries, last.retries));
         let busy = (now.processing_total_us - last.processing_total_us).max(0.0);
-        metrics::counter!("csp_executor_node_processing_microseconds_total", &labels[..])
-            .increment(busy as u64);
+        metrics::gauge!("csp_executor_node_busy_seconds", &labels[..]).increment(busy / 1e6);
         if now.messages_in > last.messages_in {
             metrics::histogram!("csp_executor_node_processing_p99_seconds", &labels[..])
                 .record(now.processing_p99_us / 1e6);

@@ -142,7 +142,7 @@ impl Counter {
 
     fn flush_metric(&mut self) {
         if self.unflushed > 0 {
-            metrics::counter!("csp_executor_counter_total", "name" => self.name.clone())
+            metrics::counter!("csp_executor_counted_messages_total", "name" => self.name.clone())
                 .increment(self.unflushed);
             self.unflushed = 0;
         }
