@@ -99,6 +99,10 @@ pub(crate) fn http_client(connect_timeout: Duration) -> Client<HttpConnector, Bo
     Client::builder(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .http2_only(true)
+        // Headers far past what anyone sends are still read, so that a faulty upstream's
+        // oversized status fails its own call (bounded on the way out), not the connection
+        // every other caller of that upstream shares.
+        .http2_max_header_list_size(1 << 20)
         .http2_keep_alive_interval(Some(Duration::from_secs(30)))
         .http2_keep_alive_timeout(Duration::from_secs(10))
         .http2_keep_alive_while_idle(true)

@@ -56,6 +56,10 @@ impl ExecutorService for TestExecutor {
         request: Request<GetExecutionRequest>,
     ) -> Result<Response<GetExecutionResponse>, Status> {
         self.0.calls.fetch_add(1, Ordering::SeqCst);
+        if request.get_ref().execution_id == "faulty" {
+            // An upstream that echoes 100 KB into its status, past HTTP/2's header limits.
+            return Err(Status::invalid_argument("x".repeat(100_000)));
+        }
         let execution = Execution {
             id: request.get_ref().execution_id.clone(),
             design_id: header(request.metadata(), "traceparent"),
@@ -127,6 +131,12 @@ async fn closed_port() -> SocketAddr {
 }
 
 async fn start() -> Harness {
+    start_with(false).await
+}
+
+/// With `raw`, the upstream is a bare tonic server, without the suite's standard layers (so
+/// without their bounds on statuses): a faulty upstream.
+async fn start_with(raw: bool) -> Harness {
     init_telemetry();
     let env = csp_testkit::TestEnv::embedded().await;
     let mut settings = env.settings();
@@ -136,11 +146,24 @@ async fn start() -> Harness {
     let seen = Arc::new(Seen::default());
     let upstream_stop = CancellationToken::new();
     let listener = bind("executor", "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let upstream = GrpcServer::new("executor", listener, &settings)
-        .unwrap()
-        .add_service(ExecutorServiceServer::new(TestExecutor(seen.clone())));
-    let upstream_addr = upstream.local_addr();
-    tokio::spawn(upstream.serve(upstream_stop.clone().cancelled_owned()));
+    let upstream_addr = listener.local_addr().unwrap();
+    if raw {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<ExecutorServiceServer<TestExecutor>>().await;
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(ExecutorServiceServer::new(TestExecutor(seen.clone())))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                upstream_stop.clone().cancelled_owned(),
+            );
+        tokio::spawn(server);
+    } else {
+        let upstream = GrpcServer::new("executor", listener, &settings)
+            .unwrap()
+            .add_service(ExecutorServiceServer::new(TestExecutor(seen.clone())));
+        tokio::spawn(upstream.serve(upstream_stop.clone().cancelled_owned()));
+    }
 
     let down = closed_port().await;
     for service in csp_platform::Service::ALL {
@@ -454,4 +477,45 @@ async fn the_client_address_cannot_be_forged() {
     request.metadata_mut().insert("x-forwarded-for", "203.0.113.66".parse().unwrap());
     let execution = client.get_execution(request).await.unwrap().into_inner().execution.unwrap();
     assert_eq!(execution.retry_of, "127.0.0.1", "the service sees the real peer");
+}
+
+/// A faulty upstream's oversized status fails that call alone, with a bounded message: the
+/// connection the gateway shares with the upstream, and another caller's stream on it, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_oversized_status_fails_only_its_own_call() {
+    let harness = start_with(true).await;
+    let mut bystander = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let mut stream = bystander
+        .watch_execution(authed(
+            WatchExecutionRequest { execution_id: "e".into(), after_event_id: String::new() },
+            &harness.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.event.unwrap().event_id, "1");
+
+    let mut client = ExecutorServiceClient::new(channel(harness.gateway).await);
+    for _ in 0..3 {
+        let request = authed(GetExecutionRequest { execution_id: "faulty".into() }, &harness.token);
+        let status = client.get_execution(request).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{}",
+            &status.message()[..status.message().len().min(100)]
+        );
+        assert!(
+            status.message().len() <= csp_platform::error::MAX_STATUS_MESSAGE,
+            "{}",
+            status.message().len()
+        );
+    }
+    // Healthy calls still pass, and the bystander's stream ends as the upstream ends it.
+    let request = authed(GetExecutionRequest { execution_id: "e-2".into() }, &harness.token);
+    assert_eq!(client.get_execution(request).await.unwrap().into_inner().execution.unwrap().id, "e-2");
+    harness.seen.release.notify_one();
+    let rest: Vec<String> = stream.map(|r| r.unwrap().event.unwrap().event_id).collect().await;
+    assert_eq!(rest, ["2", "3"]);
 }

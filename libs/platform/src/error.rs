@@ -5,14 +5,70 @@
 //! violations, `RetryInfo` (plus a `retry-after` header) for rate limits and lockouts,
 //! `ErrorInfo` with a stable reason code. Internal errors are logged with their whole cause
 //! chain and reach the caller only as an opaque message carrying the trace id.
+//!
+//! Nothing a caller sent comes back unbounded: messages, field violations and error metadata
+//! are cut to a few hundred bytes here, and [`bound_status_headers`] — applied by every server
+//! to every response, whoever built the status — cuts `grpc-message` and drops oversized
+//! `grpc-status-details-bin`, so no status header can pass HTTP/2's header limits and take a
+//! shared connection (and every other caller's calls on it) down.
 
-use std::{error::Error as StdError, fmt, time::Duration};
+use std::{borrow::Cow, error::Error as StdError, fmt, time::Duration};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// The domain that `ErrorInfo` details name.
 pub const ERROR_DOMAIN: &str = "csp.designer";
+
+/// The longest status message sent, in bytes (before percent-encoding).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+/// The largest `grpc-status-details-bin` sent (base64 bytes); larger details are dropped.
+pub const MAX_STATUS_DETAILS: usize = 8 * 1024;
+/// The longest field path or error metadata value sent, in bytes.
+const MAX_FIELD: usize = 128;
+/// The longest field violation description sent, in bytes.
+const MAX_DESCRIPTION: usize = 256;
+/// The most field violations sent.
+const MAX_VIOLATIONS: usize = 10;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+pub fn bounded(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &text[..end]))
+}
+
+/// What `grpc-message` percent-encodes (gRPC: everything outside printable ASCII, and `%`).
+const MESSAGE_ENCODING: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// Bounds the status headers of a response head or trailers: `grpc-message` cut to
+/// [`MAX_STATUS_MESSAGE`], `grpc-status-details-bin` over [`MAX_STATUS_DETAILS`] dropped (the
+/// code and the message still say what went wrong).
+pub fn bound_status_headers(headers: &mut http::HeaderMap) {
+    if let Some(value) = headers.get("grpc-message")
+        && value.len() > MAX_STATUS_MESSAGE
+    {
+        let decoded = percent_encoding::percent_decode(value.as_bytes()).decode_utf8_lossy().into_owned();
+        let cut = bounded(&decoded, MAX_STATUS_MESSAGE);
+        let encoded = percent_encoding::utf8_percent_encode(&cut, MESSAGE_ENCODING).to_string();
+        match http::HeaderValue::from_str(&encoded) {
+            Ok(value) => {
+                headers.insert("grpc-message", value);
+            }
+            Err(_) => {
+                headers.remove("grpc-message");
+            }
+        }
+    }
+    if headers.get("grpc-status-details-bin").is_some_and(|v| v.len() > MAX_STATUS_DETAILS) {
+        headers.remove("grpc-status-details-bin");
+    }
+}
 
 /// One invalid field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,25 +255,38 @@ pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         let code = error.code();
+        let message = |text: String| bounded(&text, MAX_STATUS_MESSAGE).into_owned();
         match error {
-            ApiError::InvalidArgument { message, violations } => {
+            ApiError::InvalidArgument { message: text, violations } => {
                 let mut details = ErrorDetails::new();
-                for v in violations {
-                    details.add_bad_request_violation(v.field, v.description);
+                let more = violations.len().saturating_sub(MAX_VIOLATIONS);
+                for v in violations.into_iter().take(MAX_VIOLATIONS) {
+                    details.add_bad_request_violation(
+                        bounded(&v.field, MAX_FIELD),
+                        bounded(&v.description, MAX_DESCRIPTION),
+                    );
                 }
-                Status::with_error_details(code, message, details)
+                if more > 0 {
+                    details.add_bad_request_violation("", format!("and {more} more"));
+                }
+                Status::with_error_details(code, message(text), details)
             }
-            ApiError::FailedPrecondition { message, reason, metadata } => {
+            ApiError::FailedPrecondition { message: text, reason, metadata } => {
                 let details = ErrorDetails::with_error_info(
                     reason,
                     ERROR_DOMAIN,
-                    metadata.into_iter().collect::<std::collections::HashMap<_, _>>(),
+                    metadata
+                        .into_iter()
+                        .map(|(k, v)| {
+                            (bounded(&k, MAX_FIELD).into_owned(), bounded(&v, MAX_FIELD).into_owned())
+                        })
+                        .collect::<std::collections::HashMap<_, _>>(),
                 );
-                Status::with_error_details(code, message, details)
+                Status::with_error_details(code, message(text), details)
             }
-            ApiError::ResourceExhausted { message, retry_after } => {
+            ApiError::ResourceExhausted { message: text, retry_after } => {
                 let details = ErrorDetails::with_retry_info(retry_after);
-                let mut status = Status::with_error_details(code, message, details);
+                let mut status = Status::with_error_details(code, message(text), details);
                 if let Some(after) = retry_after {
                     let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
                     if let Ok(value) = seconds.to_string().parse() {
@@ -234,7 +303,7 @@ impl From<ApiError> for Status {
                     None => Status::internal("internal error"),
                 }
             }
-            other => Status::new(code, other.to_string()),
+            other => Status::new(code, message(other.to_string())),
         }
     }
 }
@@ -244,6 +313,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn nothing_a_caller_sent_comes_back_unbounded() {
+        let huge = "é".repeat(50_000);
+        let mut v = Violations::new();
+        for _ in 0..100 {
+            v.add(huge.clone(), huge.clone());
+        }
+        let status: Status = v.into_result(&huge).unwrap_err().into();
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE && status.message().ends_with('…'));
+        assert!(status.details().len() < MAX_STATUS_DETAILS, "{}", status.details().len());
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS + 1);
+        assert_eq!(bad.field_violations[MAX_VIOLATIONS].description, "and 90 more");
+
+        let mut headers = http::HeaderMap::new();
+        let encoded = percent_encoding::utf8_percent_encode(&huge, MESSAGE_ENCODING).to_string();
+        headers.insert("grpc-message", encoded.parse().unwrap());
+        headers.insert("grpc-status-details-bin", "A".repeat(100_000).parse().unwrap());
+        bound_status_headers(&mut headers);
+        let message = headers["grpc-message"].to_str().unwrap();
+        let decoded = percent_encoding::percent_decode_str(message).decode_utf8().unwrap();
+        assert!(decoded.len() <= MAX_STATUS_MESSAGE && decoded.starts_with("éé") && decoded.ends_with('…'));
+        assert!(headers.get("grpc-status-details-bin").is_none());
+    }
 
     #[test]
     fn field_violations_travel_as_bad_request_details() {

@@ -295,7 +295,8 @@ where
         let future = span.in_scope(|| self.inner.call(request)).instrument(span);
         Box::pin(async move {
             let response = future.await?;
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            crate::error::bound_status_headers(&mut parts.headers);
             if let Some(code) = grpc_status(&parts.headers) {
                 // Trailers-only response: the call is over.
                 call.finish(code);
@@ -403,7 +404,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(f)) = &mut frame
+            && let Some(trailers) = f.trailers_mut()
+        {
+            crate::error::bound_status_headers(trailers);
+        }
         match &frame {
             Some(Ok(f)) => {
                 if let Some(trailers) = f.trailers_ref()

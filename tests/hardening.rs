@@ -1,0 +1,117 @@
+//! What hostile or careless callers found, each defended against through the gateway as a
+//! client would meet it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use common::{Running, channel, create_admin, design_of, env_vars, new_designer};
+use csp_proto::{executor::v1 as pb, registry::v1 as rpb};
+use csp_testkit::{TestEnv, authed};
+use futures::StreamExt as _;
+use serde_json::json;
+use tonic::Code;
+
+/// The longest status message a caller may get back.
+const MAX_MESSAGE: usize = 1024;
+
+/// A 100 KB string field makes no service echo it into a status (whose header would pass
+/// HTTP/2's limits and tear down the connection the gateway shares with that service), and
+/// another caller's stream on the same connections goes on undisturbed.
+async fn oversized_input_is_not_echoed_and_harms_no_other_caller(env: TestEnv) {
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let token = new_designer(csp.gateway).await;
+    let design = design_of(
+        csp.gateway,
+        &token,
+        &[
+            ("input", "source.input", json!({})),
+            ("wait", "control.delay", json!({ "delay_ms": 1500 })),
+            ("result", "sink.output", json!({})),
+        ],
+    )
+    .await;
+    // One connection to the gateway for everything: the bystander and the attacker share it,
+    // and the gateway's connections to the executor and the registry.
+    let shared = channel(csp.gateway).await;
+    let mut executor = pb::executor_service_client::ExecutorServiceClient::new(shared.clone());
+    let request = pb::StartExecutionRequest {
+        design_id: design,
+        inputs: HashMap::from([(
+            "input".to_owned(),
+            prost_types::ListValue { values: vec![csp_proto::json::to_value(json!({ "n": 1 }))] },
+        )]),
+        ..Default::default()
+    };
+    let id =
+        executor.start_execution(authed(request, &token)).await.unwrap().into_inner().execution.unwrap().id;
+    let request = pb::WatchExecutionRequest { execution_id: id.clone(), after_event_id: String::new() };
+    let mut bystander = executor.watch_execution(authed(request, &token)).await.unwrap().into_inner();
+
+    let huge = "x".repeat(100_000);
+    let mut registry = rpb::registry_service_client::RegistryServiceClient::new(shared.clone());
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let request = pb::WatchExecutionRequest { execution_id: id.clone(), after_event_id: huge.clone() };
+        statuses
+            .push(("WatchExecution", executor.watch_execution(authed(request, &token)).await.map(|_| ())));
+        let request = pb::WatchExecutionRequest { execution_id: huge.clone(), after_event_id: String::new() };
+        statuses
+            .push(("WatchExecution id", executor.watch_execution(authed(request, &token)).await.map(|_| ())));
+        let request = rpb::GetComponentTypeRequest { r#type: huge.clone(), version: String::new() };
+        statuses.push((
+            "GetComponentType",
+            registry.get_component_type(authed(request, &token)).await.map(|_| ()),
+        ));
+        let request = rpb::GetComponentTypeRequest { r#type: "transform.set".into(), version: huge.clone() };
+        statuses.push((
+            "GetComponentType version",
+            registry.get_component_type(authed(request, &token)).await.map(|_| ()),
+        ));
+        let request = rpb::ValidateConfigRequest { r#type: huge.clone(), ..Default::default() };
+        statuses
+            .push(("ValidateConfig", registry.validate_config(authed(request, &token)).await.map(|_| ())));
+        let port =
+            |t: &str| Some(rpb::PortRef { r#type: t.to_owned(), port: huge.clone(), ..Default::default() });
+        let request = rpb::CheckCompatibilityRequest { from: port(&huge), to: port("sink.output") };
+        statuses.push((
+            "CheckCompatibility",
+            registry.check_compatibility(authed(request, &token)).await.map(|_| ()),
+        ));
+    }
+    for (call, result) in statuses {
+        let status = result.expect_err(call);
+        assert!(
+            matches!(status.code(), Code::InvalidArgument | Code::NotFound),
+            "{call}: {:?} {}",
+            status.code(),
+            &status.message()[..status.message().len().min(200)]
+        );
+        assert!(status.message().len() <= MAX_MESSAGE, "{call}: a {} byte message", status.message().len());
+        assert!(!status.message().contains(&"x".repeat(2 * MAX_MESSAGE)), "{call}");
+        let details = status.details().len();
+        assert!(details <= 4 * MAX_MESSAGE, "{call}: {details} bytes of details");
+    }
+
+    // The bystander's stream saw the run through to its end.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    while let Some(item) =
+        tokio::time::timeout_at(deadline.into(), bystander.next()).await.expect("the stream ended")
+    {
+        let event = item.expect("the bystander's stream failed").event.unwrap();
+        if let Some(pb::execution_event::Kind::StatusChanged(changed)) = event.kind {
+            last = Some(changed.status);
+        }
+    }
+    assert_eq!(last, Some(pb::ExecutionStatus::Succeeded as i32));
+}
+
+csp_testkit::backend_tests!(oversized_input_is_not_echoed_and_harms_no_other_caller);
