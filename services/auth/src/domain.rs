@@ -699,7 +699,9 @@ impl Auth {
         caller: &Caller,
     ) -> Result<(ApiKeyView, String), Error> {
         let principal = caller.signed_in()?;
-        let owner_id = if user_id.is_empty() { principal.user_id.as_str() } else { user_id };
+        let owner_id =
+            if user_id.is_empty() { principal.user_id.clone() } else { uuid_id("user_id", user_id)? };
+        let owner_id = owner_id.as_str();
         let admin = principal.can(csp_platform::auth::Permission::ApiKeysAdmin);
         if owner_id != principal.user_id && !admin {
             return Err(Error::Forbidden("only admins create API keys for other accounts".into()));
@@ -747,7 +749,8 @@ impl Auth {
 
     pub(crate) async fn revoke_api_key(&self, id: &str, caller: &Caller) -> Result<ApiKeyView, Error> {
         let principal = caller.signed_in()?;
-        let key = repo::api_key_by_id(&self.db, id)
+        let id = uuid_id("api_key_id", id)?;
+        let key = repo::api_key_by_id(&self.db, &id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no API key {id}")))?;
         if key.user_id != principal.user_id && !principal.can(csp_platform::auth::Permission::ApiKeysAdmin) {
@@ -766,7 +769,7 @@ impl Auth {
         )
         .await?;
         txn.commit().await?;
-        let key = repo::api_key_by_id(&self.db, id)
+        let key = repo::api_key_by_id(&self.db, &id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no API key {id}")))?;
         Ok(key.into())
@@ -807,7 +810,8 @@ impl Auth {
         if id.is_empty() {
             return Err(Error::field(FieldViolation::new("user_id", "is required")));
         }
-        repo::user_by_id(&self.db, id).await?.ok_or_else(|| Error::NotFound(format!("no user {id}")))
+        let id = uuid_id("user_id", id)?;
+        repo::user_by_id(&self.db, &id).await?.ok_or_else(|| Error::NotFound(format!("no user {id}")))
     }
 
     async fn new_refresh_token(
@@ -894,6 +898,15 @@ async fn audit(
     )
     .await?;
     Ok(())
+}
+
+/// An id that is a UUID (users, API keys), in its canonical form; INVALID_ARGUMENT naming the
+/// field otherwise, without echoing it. A NUL byte or any other non-UUID never reaches the
+/// database (PostgreSQL cannot store NUL in text).
+fn uuid_id(field: &str, value: &str) -> Result<String, Error> {
+    uuid::Uuid::try_parse(value)
+        .map(|id| id.hyphenated().to_string())
+        .map_err(|_| Error::field(FieldViolation::new(field, "must be a UUID")))
 }
 
 #[cfg(test)]

@@ -592,7 +592,42 @@ async fn self_signup_follows_its_flag(env: TestEnv) {
     stop.cancel();
 }
 
+/// Ids that cannot be ids (a NUL byte, which PostgreSQL cannot store; not a UUID) are
+/// INVALID_ARGUMENT naming the field, on both backends — never INTERNAL.
+async fn malformed_ids_are_invalid_arguments(env: TestEnv) {
+    use tonic_types::StatusExt as _;
+    let mut h = start(&env).await;
+    let admin = admin_token(&mut h).await;
+    for id in ["a\0b", "\0", "not-a-uuid", "0190a5c4-0000-7000-8000-00000000000\0"] {
+        let mut statuses = Vec::new();
+        let request = pb::DisableUserRequest { user_id: id.into(), reason: String::new() };
+        statuses.push(("user_id", h.client.disable_user(authed(request, &admin)).await.map(|_| ())));
+        let request = pb::CreateApiKeyRequest { user_id: id.into(), name: "k".into(), expires_at: None };
+        statuses.push(("user_id", h.client.create_api_key(authed(request, &admin)).await.map(|_| ())));
+        let request = pb::RevokeApiKeyRequest { api_key_id: id.into() };
+        statuses.push(("api_key_id", h.client.revoke_api_key(authed(request, &admin)).await.map(|_| ())));
+        for (field, result) in statuses {
+            let status = result.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{id:?}: {}", status.message());
+            let fields: Vec<String> = status
+                .get_details_bad_request()
+                .unwrap()
+                .field_violations
+                .into_iter()
+                .map(|v| v.field)
+                .collect();
+            assert_eq!(fields, [field], "{id:?}");
+            assert!(!status.message().contains('\0'), "{id:?}");
+        }
+    }
+    // A well-formed id of nobody is still NOT_FOUND.
+    let nobody = uuid::Uuid::now_v7().to_string();
+    let request = pb::DisableUserRequest { user_id: nobody, reason: String::new() };
+    assert_eq!(h.client.disable_user(authed(request, &admin)).await.unwrap_err().code(), Code::NotFound);
+}
+
 csp_testkit::backend_tests!(
+    malformed_ids_are_invalid_arguments,
     forged_and_stale_tokens_are_refused,
     a_disabled_users_tokens_are_refused,
     refresh_rotation_and_reuse_detection,

@@ -431,7 +431,9 @@ pub(crate) async fn list_designs(
             "%{}%",
             name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
         );
-        select = select.filter(design::Column::NameKey.like(pattern));
+        // The escape character said explicitly: SQLite has no default one.
+        select = select
+            .filter(design::Column::NameKey.like(sea_orm::sea_query::LikeExpr::new(pattern).escape('\\')));
     }
     if let Some((at, id)) = after {
         select = select.filter(

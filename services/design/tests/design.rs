@@ -1126,7 +1126,31 @@ async fn the_basic_view_has_the_revision_but_not_the_document(env: TestEnv) {
     assert_eq!(violations(&status), [("view".to_owned(), "7 is not a DesignView".to_owned())]);
 }
 
+/// A search means the characters typed, `%` and `_` included, on both backends (SQLite has no
+/// default LIKE escape character).
+async fn searches_match_wildcard_characters_literally(env: TestEnv) {
+    let h = start(&env, |_| {}).await;
+    let dana = h.designer("dana");
+    for name in ["100% pure", "a_b", "axb", "Plain", "back\\slash"] {
+        h.create(&dana, name).await;
+    }
+    for (query, expected) in [
+        ("%", vec!["100% pure"]),
+        ("0% p", vec!["100% pure"]),
+        ("_", vec!["a_b"]),
+        ("a_b", vec!["a_b"]),
+        ("\\", vec!["back\\slash"]),
+        ("ain", vec!["Plain"]),
+    ] {
+        let request = pb::ListDesignsRequest { query: query.into(), page_size: 50, ..Default::default() };
+        let page = h.client.clone().list_designs(authed(request, &dana)).await.unwrap().into_inner();
+        let names: Vec<String> = page.designs.into_iter().map(|d| d.name).collect();
+        assert_eq!(names, expected, "a search for {query:?}");
+    }
+}
+
 csp_testkit::backend_tests!(
+    searches_match_wildcard_characters_literally,
     racing_edits_commit_exactly_once,
     history_restore_and_diff,
     hostile_imports_are_refused,
