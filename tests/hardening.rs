@@ -114,4 +114,58 @@ async fn oversized_input_is_not_echoed_and_harms_no_other_caller(env: TestEnv) {
     assert_eq!(last, Some(pb::ExecutionStatus::Succeeded as i32));
 }
 
-csp_testkit::backend_tests!(oversized_input_is_not_echoed_and_harms_no_other_caller);
+/// A client that resumes watching an execution after its final event (a reconnect after the
+/// end) has its stream closed at once, not after the 5 s a quiet watch waits.
+async fn resuming_a_watch_after_the_final_event_closes_at_once(env: TestEnv) {
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let token = new_designer(csp.gateway).await;
+    let design = design_of(
+        csp.gateway,
+        &token,
+        &[("input", "source.input", json!({})), ("result", "sink.output", json!({}))],
+    )
+    .await;
+    let mut executor = pb::executor_service_client::ExecutorServiceClient::new(channel(csp.gateway).await);
+    let request = pb::StartExecutionRequest {
+        design_id: design,
+        inputs: HashMap::from([(
+            "input".to_owned(),
+            prost_types::ListValue { values: vec![csp_proto::json::to_value(json!(1))] },
+        )]),
+        ..Default::default()
+    };
+    let id =
+        executor.start_execution(authed(request, &token)).await.unwrap().into_inner().execution.unwrap().id;
+    let request = pb::WatchExecutionRequest { execution_id: id.clone(), after_event_id: String::new() };
+    let events: Vec<pb::ExecutionEvent> = executor
+        .watch_execution(authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap().event.unwrap())
+        .collect()
+        .await;
+    let last = events.last().unwrap();
+    assert!(matches!(last.kind, Some(pb::execution_event::Kind::StatusChanged(_))), "{last:?}");
+
+    for after in [last.event_id.clone(), events[events.len() / 2].event_id.clone()] {
+        let started = Instant::now();
+        let request = pb::WatchExecutionRequest { execution_id: id.clone(), after_event_id: after.clone() };
+        let rest: Vec<_> =
+            executor.watch_execution(authed(request, &token)).await.unwrap().into_inner().collect().await;
+        let position = |id: &str| {
+            let (ms, seq) = id.split_once('-').unwrap();
+            (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+        };
+        let expected = events.iter().filter(|e| position(&e.event_id) > position(&after)).count();
+        assert_eq!(rest.len(), expected, "resumed after {after}");
+        assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
+    }
+}
+
+csp_testkit::backend_tests!(
+    oversized_input_is_not_echoed_and_harms_no_other_caller,
+    resuming_a_watch_after_the_final_event_closes_at_once,
+);

@@ -44,6 +44,10 @@ impl Executor {
         } else {
             after.parse::<EventId>().map_err(|e| Error::field("after_event_id", e.to_string()))?
         };
+        // Ended, and the client has seen its last event: nothing will follow.
+        if finished && self.bus.last_id(&stream(id)).await?.is_none_or(|last| last <= after) {
+            return Ok(futures::stream::empty().boxed());
+        }
         let events = match self.bus.tail(&stream(id), Some(after)).await {
             Ok(events) => events,
             Err(csp_bus::BusError::Truncated { trimmed_up_to, .. }) => {
@@ -100,6 +104,6 @@ impl Executor {
                 }
             }
         });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
     }
 }
