@@ -165,7 +165,81 @@ async fn resuming_a_watch_after_the_final_event_closes_at_once(env: TestEnv) {
     }
 }
 
+/// A design that ValidateDesign reports errors for is refused at the start with the errors,
+/// unless the caller asks to run it anyway.
+async fn a_design_with_errors_does_not_start_unless_asked(env: TestEnv) {
+    use tonic_types::StatusExt as _;
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let token = new_designer(csp.gateway).await;
+    let design = design_of(
+        csp.gateway,
+        &token,
+        &[("input", "source.input", json!({})), ("result", "sink.output", json!({}))],
+    )
+    .await;
+    // `lonely` has nothing on its required input.
+    use csp_proto::design::v1 as dpb;
+    let mut designs = dpb::design_service_client::DesignServiceClient::new(channel(csp.gateway).await);
+    let lonely = dpb::Node {
+        id: "lonely".into(),
+        r#type: "transform.template".into(),
+        config: Some(csp_proto::json::to_struct(json!({ "template": "{{x}}" }))),
+        ..Default::default()
+    };
+    let request = dpb::ApplyOpsRequest {
+        design_id: design.clone(),
+        expected_revision: 2,
+        ops: vec![dpb::Op { op: Some(dpb::op::Op::AddNode(dpb::AddNodeOp { node: Some(lonely) })) }],
+    };
+    designs.apply_ops(authed(request, &token)).await.unwrap();
+    let request = csp_proto::design::v1::ValidateDesignRequest { design_id: design.clone(), revision: 0 };
+    let verdict = designs.validate_design(authed(request, &token)).await.unwrap().into_inner();
+    assert!(!verdict.valid, "{verdict:?}");
+
+    let mut executor = pb::executor_service_client::ExecutorServiceClient::new(channel(csp.gateway).await);
+    let start = |run_invalid: bool| pb::StartExecutionRequest {
+        design_id: design.clone(),
+        inputs: HashMap::from([(
+            "input".to_owned(),
+            prost_types::ListValue { values: vec![csp_proto::json::to_value(json!(1))] },
+        )]),
+        run_invalid,
+        ..Default::default()
+    };
+    // Twice: the verdict is kept with the plan, and a kept plan is refused too.
+    for _ in 0..2 {
+        let status = executor.start_execution(authed(start(false), &token)).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+        assert_eq!(status.get_details_error_info().unwrap().reason, "DESIGN_INVALID");
+        assert!(status.message().contains("lonely"), "{}", status.message());
+    }
+    let request = pb::ListExecutionsRequest { design_id: design.clone(), ..Default::default() };
+    let listed = executor.list_executions(authed(request, &token)).await.unwrap().into_inner();
+    assert!(listed.executions.is_empty(), "nothing was queued: {listed:?}");
+
+    let started = executor.start_execution(authed(start(true), &token)).await.unwrap().into_inner();
+    let id = started.execution.unwrap().id;
+    let request = pb::WatchExecutionRequest { execution_id: id, after_event_id: String::new() };
+    let last = executor
+        .watch_execution(authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .filter_map(|r| async move {
+            match r.unwrap().event.unwrap().kind {
+                Some(pb::execution_event::Kind::StatusChanged(changed)) => Some(changed.status),
+                _ => None,
+            }
+        })
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(last.last(), Some(&(pb::ExecutionStatus::Succeeded as i32)), "ran anyway");
+}
+
 csp_testkit::backend_tests!(
+    a_design_with_errors_does_not_start_unless_asked,
     oversized_input_is_not_echoed_and_harms_no_other_caller,
     resuming_a_watch_after_the_final_event_closes_at_once,
 );

@@ -85,7 +85,7 @@ async fn external_env() -> csp_testkit::TestEnv {
 fn verify() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let ring = csp_auth::keys::KeyRing::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&[3; 32]));
+        let ring = csp_auth::keys::KeyRing::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&[3; 32]))?;
         let verifier = Verifier::new(Arc::new(ring.clone()));
         const N: usize = 20_000;
         let now = now_millis();

@@ -395,6 +395,11 @@ pub struct ServerSettings {
     /// How often dependencies (database, Redis) are probed for health.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// Peers whose `x-forwarded-for` is believed (the gateway's addresses); from anyone else
+    /// the header is dropped, and the connection's own address is the client's. By default
+    /// loopback and the private ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7),
+    /// where the gateway runs in compose and Kubernetes and which no outside caller has.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerSettings {
@@ -406,6 +411,18 @@ impl Default for ServerSettings {
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(10),
             health_check_interval: Duration::from_secs(5),
+            trusted_proxies: [
+                "127.0.0.0/8",
+                "::1/128",
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "fc00::/7",
+            ]
+            .iter()
+            .filter_map(|net| net.parse().ok())
+            .collect(),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod health;
 pub mod http;
 mod local;
 pub mod metrics;
+pub mod proxies;
 pub mod server;
 pub mod telemetry;
 

@@ -233,7 +233,8 @@ impl GrpcServer {
             Some(auth) => BoxCloneSyncService::new(auth.layer(limited)),
             None => BoxCloneSyncService::new(limited),
         };
-        let observed = BoxCloneSyncService::new(ObserveLayer::new(name).layer(authenticated));
+        let trusted = crate::proxies::TrustedProxiesLayer::new(settings.trusted_proxies.clone());
+        let observed = BoxCloneSyncService::new(ObserveLayer::new(name).layer(trusted.layer(authenticated)));
         // Callers in this process reach the same stack without the network, until the drain.
         let registration = crate::local::register(local_addr, observed.clone(), settings.request_timeout);
         let service =

@@ -11,6 +11,7 @@ use csp_platform::{
     config::AuthSettings,
 };
 use sea_orm::{ActiveValue::Set, DatabaseConnection, DatabaseTransaction, TransactionTrait as _};
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::{
     entity::{api_key, audit_event, refresh_token, user},
@@ -179,7 +180,8 @@ pub(crate) struct NewUser {
     pub(crate) username: String,
     pub(crate) email: String,
     pub(crate) display_name: String,
-    pub(crate) password: String,
+    /// Never printed (`Debug` shows it redacted).
+    pub(crate) password: SecretString,
     pub(crate) roles: Vec<Role>,
     pub(crate) service_account: bool,
 }
@@ -293,7 +295,7 @@ impl Auth {
             violations.push(FieldViolation::new("roles", "at least one role is required"));
         }
         if input.service_account {
-            if !input.password.is_empty() {
+            if !input.password.expose_secret().is_empty() {
                 violations.push(FieldViolation::new(
                     "password",
                     "service accounts authenticate with API keys, not passwords",
@@ -301,7 +303,7 @@ impl Auth {
             }
         } else if let Some(username) = &username {
             violations.extend(identity::new_password(
-                &input.password,
+                input.password.expose_secret(),
                 username,
                 email.as_ref().map(|(_, key)| key.as_str()),
                 self.settings.password_min_length,
@@ -309,7 +311,7 @@ impl Auth {
             ));
         } else {
             // The username is wrong; still refuse a malformed password before any hashing.
-            if let Err(v) = identity::password_shape(&input.password, "password") {
+            if let Err(v) = identity::password_shape(input.password.expose_secret(), "password") {
                 violations.push(v);
             }
         }
@@ -327,8 +329,11 @@ impl Auth {
         if email_taken {
             return Err(Error::AlreadyExists("an account with this email exists".into()));
         }
-        let password_hash =
-            if input.service_account { None } else { Some(self.passwords.hash(input.password).await?) };
+        let password_hash = if input.service_account {
+            None
+        } else {
+            Some(self.passwords.hash(input.password.expose_secret().to_owned()).await?)
+        };
         let now = Utc::now();
         let model = user::Model {
             id: uuid::Uuid::new_v4().to_string(),
@@ -408,15 +413,23 @@ impl Auth {
         let key = identity::login_key(login);
         let user = repo::user_by_login(&self.db, &key).await?;
         // Failures count against the account when it exists, else against what was typed.
-        let account = user.as_ref().map_or_else(|| format!("unknown:{key}"), |u| u.id.clone());
-        self.lockout.check(&account, &caller.address).await?;
+        // (A login that names nobody is kept — in counters and logs — only as a digest: it is
+        // often a password typed in the wrong field.)
+        let account = user
+            .as_ref()
+            .map_or_else(|| format!("unknown:{}", &crate::secrets::digest(&key)[..16]), |u| u.id.clone());
+        // Counted before the slow check: concurrent guesses cannot all slip past the limit.
+        self.lockout.attempt(&account, &caller.address).await?;
 
         let hash = user.as_ref().and_then(|u| u.password_hash.clone());
         let matches = self.passwords.verify(password.to_owned(), hash).await?;
+        let succeeded = matches && user.as_ref().is_some_and(|u| !u.disabled);
+        let outcome = self.lockout.settle(&account, &caller.address, succeeded).await?;
         let Some(user) = user.filter(|_| matches) else {
-            let outcome = self.lockout.failed(&account, &caller.address).await?;
             let subject = (!account.starts_with("unknown:")).then_some(account.as_str());
-            let details = serde_json::json!({ "login": login.chars().take(64).collect::<String>() });
+            // What was typed as the login is not kept when it names nobody: it is often a
+            // password typed in the wrong field.
+            let details = serde_json::json!({ "known_login": subject.is_some() });
             audit(&self.db, AuditKind::LoginFailed, None, subject, caller, details).await?;
             if let Outcome::Locked { account: by_account, address: by_address } = outcome {
                 let details = serde_json::json!({ "account": by_account, "address": by_address });
@@ -429,7 +442,6 @@ impl Auth {
         if user.disabled {
             return Err(Error::Disabled);
         }
-        self.lockout.succeeded(&account).await?;
 
         let now = Utc::now();
         let txn = self.db.begin().await?;
@@ -937,6 +949,7 @@ mod tests {
             roles: vec![Role::Designer],
             ..Default::default()
         };
+        assert!(!format!("{input:?}").contains("horse"), "a new user's password never prints");
         auth.create(input, &caller).await.unwrap();
 
         let before = auth.passwords().verifications();

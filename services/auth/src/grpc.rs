@@ -162,7 +162,7 @@ impl AuthService for AuthApi {
             username: r.username,
             email: r.email,
             display_name: r.display_name,
-            password: r.password,
+            password: r.password.into(),
             ..Default::default()
         };
         let user = self.auth.register(input, &caller).await?;
@@ -255,7 +255,7 @@ impl AuthService for AuthApi {
             username: r.username,
             email: r.email,
             display_name: r.display_name,
-            password: r.password,
+            password: r.password.into(),
             service_account: r.service_account,
         };
         let user = self.auth.create(input, &caller).await?;

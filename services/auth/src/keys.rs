@@ -44,6 +44,28 @@ fn kid_of(key: &VerifyingKey) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(input.as_bytes()))[..16].to_owned()
 }
 
+/// The shortest `SECRET_KEY` accepted outside the development environment, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The signing key's seed from `SECRET_KEY`, by HKDF-SHA256 (RFC 5869) with a fixed salt and
+/// purpose: a secret under [`MIN_SECRET_BYTES`] is refused outside development (and only
+/// warned about there).
+fn seed_from_secret(secret: &str, environment: &str) -> Result<[u8; 32], Error> {
+    if secret.len() < MIN_SECRET_BYTES {
+        if environment != "development" {
+            return Err(Error::Config(format!(
+                "SECRET_KEY (auth.secret_key) must be at least {MIN_SECRET_BYTES} bytes outside development; use a long random secret"
+            )));
+        }
+        tracing::warn!("SECRET_KEY is shorter than {MIN_SECRET_BYTES} bytes; use a long random secret");
+    }
+    let mut seed = [0u8; 32];
+    hkdf::Hkdf::<Sha256>::new(Some(b"csp-designer"), secret.as_bytes())
+        .expand(b"csp-auth access-token signing key (Ed25519 seed)", &mut seed)
+        .map_err(|e| Error::Internal(format!("key derivation: {e}")))?;
+    Ok(seed)
+}
+
 fn public(key: &VerifyingKey) -> PublicKey {
     PublicKey { kid: kid_of(key), x: URL_SAFE_NO_PAD.encode(key.as_bytes()) }
 }
@@ -55,16 +77,11 @@ impl KeyRing {
         let signing = if let Some(path) = &auth.signing_key_file {
             read_signing_key(path)?
         } else if let Some(secret) = &auth.secret_key {
-            if secret.expose_secret().len() < 32 {
-                tracing::warn!("SECRET_KEY is shorter than 32 characters; use a long random secret");
-            }
-            let seed: [u8; 32] =
-                Sha256::digest(format!("csp-auth-signing-key:{}", secret.expose_secret())).into();
-            SigningKey::from_bytes(&seed)
+            SigningKey::from_bytes(&seed_from_secret(secret.expose_secret(), &settings.environment)?)
         } else {
             generated_key(&settings.database.data_dir)?
         };
-        let mut ring = Self::from_signing_key(signing);
+        let mut ring = Self::from_signing_key(signing)?;
         for path in &auth.verification_key_files {
             let key = read_verifying_key(path)?;
             if let Some(inner) = Arc::get_mut(&mut ring.inner)
@@ -77,16 +94,18 @@ impl KeyRing {
     }
 
     /// A ring with one key (tests, benchmarks).
-    pub fn from_signing_key(signing: SigningKey) -> Self {
+    pub fn from_signing_key(signing: SigningKey) -> Result<Self, Error> {
         let verifying = signing.verifying_key();
-        let der = signing.to_pkcs8_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
-        Self {
+        let der = signing
+            .to_pkcs8_der()
+            .map_err(|e| Error::Internal(format!("the signing key cannot be encoded: {e}")))?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 kid: kid_of(&verifying),
-                encoding: EncodingKey::from_ed_der(&der),
+                encoding: EncodingKey::from_ed_der(der.as_bytes()),
                 published: vec![public(&verifying)],
             }),
-        }
+        })
     }
 
     /// The key id of the signing key.
@@ -196,6 +215,31 @@ mod tests {
         let b = KeyRing::load(&settings).unwrap();
         assert_eq!(a.kid(), b.kid());
         assert_ne!(a.kid(), first.kid());
+    }
+
+    #[test]
+    fn secrets_derive_keys_with_hkdf_and_short_ones_are_refused_in_production() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.database.data_dir = dir.path().to_owned();
+        let secret = "a long shared secret for every replica of auth";
+        settings.auth.secret_key = Some(secret.to_owned().into());
+        let ring = KeyRing::load(&settings).unwrap();
+        // Not a bare hash of the secret: HKDF-SHA256 with the suite's salt and purpose.
+        let bare: [u8; 32] = Sha256::digest(format!("csp-auth-signing-key:{secret}")).into();
+        assert_ne!(ring.kid(), kid_of(&SigningKey::from_bytes(&bare).verifying_key()));
+        let mut expected = [0u8; 32];
+        hkdf::Hkdf::<Sha256>::new(Some(b"csp-designer"), secret.as_bytes())
+            .expand(b"csp-auth access-token signing key (Ed25519 seed)", &mut expected)
+            .unwrap();
+        assert_eq!(ring.kid(), kid_of(&SigningKey::from_bytes(&expected).verifying_key()));
+
+        settings.auth.secret_key = Some("too short for production".to_owned().into());
+        assert!(KeyRing::load(&settings).is_ok(), "development only warns");
+        settings.environment = "production".into();
+        let refused = KeyRing::load(&settings).err().unwrap().to_string();
+        assert!(refused.contains("at least 32 bytes"), "{refused}");
+        assert!(!refused.contains("too short for production"), "the secret is not echoed: {refused}");
     }
 
     #[test]

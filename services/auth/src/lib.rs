@@ -132,7 +132,7 @@ pub async fn create_user(
     let input = domain::NewUser {
         username: username.to_owned(),
         email: email.to_owned(),
-        password: password.to_owned(),
+        password: password.to_owned().into(),
         roles,
         ..Default::default()
     };

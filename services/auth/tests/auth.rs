@@ -34,6 +34,10 @@ impl Drop for Harness {
 }
 
 async fn start(env: &TestEnv) -> Harness {
+    start_with(env, |_| {}).await
+}
+
+async fn start_with(env: &TestEnv, configure: impl FnOnce(&mut csp_platform::Settings)) -> Harness {
     let signing = SigningKey::from_bytes(&[42; 32]);
     let key_file = env.dir().join("signing.pem");
     std::fs::write(&key_file, signing.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
@@ -43,6 +47,7 @@ async fn start(env: &TestEnv) -> Harness {
     settings.auth.argon2 =
         csp_platform::config::Argon2Settings { memory_kib: 64, iterations: 1, parallelism: 1 };
     settings.features.self_signup = true;
+    configure(&mut settings);
 
     let listener = bind("auth", "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let app = csp_auth::Application::with_listener(&settings, env.bus(), listener).await.unwrap();
@@ -50,7 +55,7 @@ async fn start(env: &TestEnv) -> Harness {
     let stop = CancellationToken::new();
     tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let kid = csp_auth::keys::KeyRing::from_signing_key(signing.clone()).kid().to_owned();
+    let kid = csp_auth::keys::KeyRing::from_signing_key(signing.clone()).unwrap().kid().to_owned();
     csp_auth::create_user(&settings, "admin", "admin@example.com", ADMIN_PASSWORD, vec![Role::Admin])
         .await
         .unwrap();
@@ -626,7 +631,83 @@ async fn malformed_ids_are_invalid_arguments(env: TestEnv) {
     assert_eq!(h.client.disable_user(authed(request, &admin)).await.unwrap_err().code(), Code::NotFound);
 }
 
+/// Thirty wrong passwords for one account at once, with a limit of five: at most five are
+/// checked (and audited as failures); the rest are refused unchecked, as locked.
+async fn concurrent_guesses_cannot_pass_the_lockout_limit(env: TestEnv) {
+    let mut h = start(&env).await;
+    let user = register(&mut h, "nina", "nina@example.com", PASSWORD).await.unwrap();
+    let guesses = (0..30).map(|i| {
+        let mut client = h.client.clone();
+        async move {
+            let request = pb::LoginRequest {
+                login: "nina".into(),
+                password: format!("wrong password {i:02}"),
+                api_key: String::new(),
+            };
+            client.login(from(request, &format!("198.51.100.{i}"))).await.unwrap_err().code()
+        }
+    });
+    let codes = futures::future::join_all(guesses).await;
+    let checked = codes.iter().filter(|c| **c == Code::Unauthenticated).count();
+    let locked = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
+    assert_eq!(checked + locked, 30, "{codes:?}");
+    assert!(checked <= 5, "{checked} guesses were checked: {codes:?}");
+    // The password is right, the account locked all the same.
+    assert_eq!(login(&mut h, "nina", PASSWORD).await.unwrap_err().code(), Code::ResourceExhausted);
+
+    let admin = admin_token(&mut h).await;
+    let request = pb::ListAuditEventsRequest {
+        kinds: vec![pb::AuditEventKind::LoginFailed as i32],
+        user_id: user.id.clone(),
+        ..Default::default()
+    };
+    let failures = h.client.list_audit_events(authed(request, &admin)).await.unwrap().into_inner().events;
+    assert!(failures.len() <= 5, "{} failures verified and audited", failures.len());
+    // A login that names nobody is not kept as typed.
+    let request = pb::LoginRequest {
+        login: "my secret password".into(),
+        password: "wrong password!!".into(),
+        api_key: String::new(),
+    };
+    h.client.login(request).await.unwrap_err();
+    let request = pb::ListAuditEventsRequest {
+        kinds: vec![pb::AuditEventKind::LoginFailed as i32],
+        ..Default::default()
+    };
+    let events = h.client.list_audit_events(authed(request, &admin)).await.unwrap().into_inner().events;
+    assert!(!format!("{events:?}").contains("my secret password"), "{events:?}");
+}
+
+/// A caller that is not a trusted proxy cannot pose as many addresses: its `x-forwarded-for`
+/// is ignored, and its own address is locked after the per-address limit (20).
+async fn only_trusted_proxies_say_where_a_call_came_from(env: TestEnv) {
+    let mut h = start_with(&env, |s| s.server.trusted_proxies = vec!["192.0.2.1/32".parse().unwrap()]).await;
+    register(&mut h, "omar", "omar@example.com", PASSWORD).await.unwrap();
+    for i in 0..19 {
+        let request = pb::LoginRequest {
+            login: format!("nobody{i}"),
+            password: "wrong password!!".into(),
+            api_key: String::new(),
+        };
+        let code = h.client.login(from(request, &format!("203.0.113.{i}"))).await.unwrap_err().code();
+        assert_eq!(code, Code::Unauthenticated, "attempt {i}");
+    }
+    let request = pb::LoginRequest {
+        login: "nobody-last".into(),
+        password: "wrong password!!".into(),
+        api_key: String::new(),
+    };
+    let code = h.client.login(from(request, "198.51.100.200")).await.unwrap_err().code();
+    assert_eq!(code, Code::ResourceExhausted, "the caller's own address is locked, whatever it claims");
+    let request =
+        pb::LoginRequest { login: "omar".into(), password: PASSWORD.into(), api_key: String::new() };
+    let code = h.client.login(from(request, "198.51.100.201")).await.unwrap_err().code();
+    assert_eq!(code, Code::ResourceExhausted);
+}
+
 csp_testkit::backend_tests!(
+    only_trusted_proxies_say_where_a_call_came_from,
+    concurrent_guesses_cannot_pass_the_lockout_limit,
     malformed_ids_are_invalid_arguments,
     forged_and_stale_tokens_are_refused,
     a_disabled_users_tokens_are_refused,

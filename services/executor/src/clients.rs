@@ -76,6 +76,30 @@ impl Designs {
         self.fetch(credentials, id, revision, design::DesignView::Full).await
     }
 
+    /// The errors ValidateDesign reports for a design revision, each as `node: message` (or
+    /// the message alone); empty when it may run.
+    pub(crate) async fn errors(
+        &self,
+        credentials: &Credentials,
+        id: &str,
+        revision: i64,
+    ) -> Result<Vec<String>, Error> {
+        let message = design::ValidateDesignRequest { design_id: id.to_owned(), revision };
+        let response = self
+            .client
+            .clone()
+            .validate_design(request(message, credentials, Duration::from_secs(10)))
+            .await
+            .map_err(|status| design_error(status, id))?
+            .into_inner();
+        Ok(response
+            .findings
+            .into_iter()
+            .filter(|f| f.severity == design::Severity::Error as i32)
+            .map(|f| if f.node_id.is_empty() { f.message } else { format!("{}: {}", f.node_id, f.message) })
+            .collect())
+    }
+
     /// A design's current revision and the caller's access, without its nodes and connections.
     pub(crate) async fn current(&self, credentials: &Credentials, id: &str) -> Result<design::Design, Error> {
         self.fetch(credentials, id, 0, design::DesignView::Basic).await

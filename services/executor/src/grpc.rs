@@ -121,6 +121,7 @@ impl ExecutorService for ExecutorApi {
             design_revision: r.design_revision,
             inputs: messages_from_pb(r.inputs),
             idempotency_key: r.idempotency_key,
+            run_invalid: r.run_invalid,
         };
         let started = self.executor.start(&p, credentials, start).await?;
         Ok(Response::new(pb::StartExecutionResponse { execution: Some(execution(started)) }))

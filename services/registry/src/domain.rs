@@ -12,11 +12,11 @@ use csp_components::{
     Behaviour, Category, ComponentSpec, ExampleSpec, PortSpec, ReadMode, Violation, WriteMode,
     compat::Verdict,
 };
-use csp_platform::{FieldViolation, config::RegistrySettings};
+use csp_platform::{FieldViolation, auth::Principal, config::RegistrySettings};
 use futures::StreamExt as _;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _,
-    sea_query::OnConflict,
+    QueryOrder as _, sea_query::OnConflict,
 };
 use semver::Version;
 use serde_json::Value;
@@ -590,13 +590,29 @@ impl Registry {
         Ok(entry)
     }
 
-    pub(crate) async fn update(&self, draft: Draft, actor: &str) -> Result<Arc<Entry>, Error> {
+    /// Who registered a custom type (its first version): only they, or an admin, change it.
+    async fn check_owner(&self, type_id: &str, actor: &Principal) -> Result<(), Error> {
+        let first = component_type::Entity::find()
+            .filter(component_type::Column::TypeId.eq(type_id))
+            .order_by_asc(component_type::Column::CreatedAt)
+            .one(&self.db)
+            .await?;
+        match first {
+            Some(row) if row.created_by != actor.user_id && !actor.is_admin() => Err(Error::Forbidden(
+                "only the registrar of a component type, or an admin, may change it".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) async fn update(&self, draft: Draft, actor: &Principal) -> Result<Arc<Entry>, Error> {
         if csp_components::builtin(&draft.type_id).is_some() {
             return Err(Error::Forbidden(format!(
                 "{} is built in; it changes only with the product",
                 draft.type_id
             )));
         }
+        self.check_owner(&draft.type_id, actor).await?;
         let (_, version) = self.validate_draft(&draft)?;
         let catalog = self.catalog();
         let latest = catalog.latest(&draft.type_id).ok_or_else(|| {
@@ -616,8 +632,15 @@ impl Registry {
         }
         let draft = self.probe(draft).await?;
         let (spec, _) = self.validate_draft(&draft)?;
-        let entry = self.insert(spec, &draft, actor).await?;
-        tracing::info!(type_id = %entry.spec.type_id, version = %entry.version, %actor, "component type updated");
+        let entry = self.insert(spec, &draft, &actor.user_id).await?;
+        tracing::info!(
+            target: "audit",
+            type_id = %entry.spec.type_id,
+            version = %entry.version,
+            actor = %actor.user_id,
+            endpoint = %draft.remote_address,
+            "component type updated"
+        );
         Ok(entry)
     }
 
@@ -626,10 +649,12 @@ impl Registry {
         type_id: &str,
         version: &str,
         message: &str,
+        actor: &Principal,
     ) -> Result<Arc<Entry>, Error> {
         if csp_components::builtin(type_id).is_some() {
             return Err(Error::Forbidden(format!("{type_id} is built in and cannot be deprecated")));
         }
+        self.check_owner(type_id, actor).await?;
         if message.chars().count() > 500 {
             return Err(Error::field("message", "must be at most 500 characters"));
         }
@@ -646,6 +671,7 @@ impl Registry {
             update = update.filter(component_type::Column::Version.eq(pinned.to_string()));
         }
         update.exec(&self.db).await?;
+        tracing::info!(target: "audit", %type_id, version, actor = %actor.user_id, "component type deprecated");
         self.changed(type_id).await?;
         let catalog = self.catalog();
         catalog

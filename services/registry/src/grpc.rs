@@ -329,7 +329,7 @@ impl RegistryService for RegistryApi {
     ) -> Result<Response<pb::UpdateComponentTypeResponse>, Status> {
         let principal = require(&request, Permission::ComponentsRegister)?;
         let draft = draft_from_pb(request.into_inner().component_type)?;
-        let entry = self.registry.update(draft, &principal.user_id).await?;
+        let entry = self.registry.update(draft, &principal).await?;
         Ok(Response::new(pb::UpdateComponentTypeResponse { component_type: Some(entry_to_pb(&entry)) }))
     }
 
@@ -338,9 +338,9 @@ impl RegistryService for RegistryApi {
         &self,
         request: Request<pb::DeprecateComponentTypeRequest>,
     ) -> Result<Response<pb::DeprecateComponentTypeResponse>, Status> {
-        require(&request, Permission::ComponentsRegister)?;
+        let principal = require(&request, Permission::ComponentsRegister)?;
         let r = request.into_inner();
-        let entry = self.registry.deprecate(&r.r#type, &r.version, &r.message).await?;
+        let entry = self.registry.deprecate(&r.r#type, &r.version, &r.message, &principal).await?;
         Ok(Response::new(pb::DeprecateComponentTypeResponse { component_type: Some(entry_to_pb(&entry)) }))
     }
 }

@@ -412,7 +412,14 @@ async fn registration_rules(env: TestEnv) {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     let admin = h.issuer.token("admin-1", &[Role::Admin]);
-    h.client.register_component_type(register(remote_draft("acme.a", "1.0.0", &addr), &admin)).await.unwrap();
+    h.client
+        .register_component_type(register(remote_draft("acme.a", "1.0.0", &addr), &h.registrar))
+        .await
+        .unwrap();
+    h.client
+        .register_component_type(register(remote_draft("acme.admins", "1.0.0", &addr), &admin))
+        .await
+        .unwrap();
 
     // Bad input, each with its field.
     let mut bad_schema = remote_draft("acme.b", "1.0.0", &addr);
@@ -494,6 +501,23 @@ async fn registration_rules(env: TestEnv) {
             .iter()
             .any(|t| t.r#type == "acme.a" && t.deprecation_message == "use acme.b")
     );
+    // Only the registrar of a type, or an admin, changes it: another registrar can neither
+    // publish a version (pointing "latest" at their own endpoint) nor deprecate it.
+    let intruder = h.issuer.token("registrar-2", &[Role::Registrar]);
+    let request =
+        pb::UpdateComponentTypeRequest { component_type: Some(remote_draft("acme.a", "9.0.0", &addr)) };
+    let status = h.client.update_component_type(authed(request, &intruder)).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let request = pb::DeprecateComponentTypeRequest { r#type: "acme.admins".into(), ..Default::default() };
+    let status = h.client.deprecate_component_type(authed(request, &h.registrar)).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let request = pb::GetComponentTypeRequest { r#type: "acme.a".into(), version: String::new() };
+    let latest = h.client.get_component_type(authed(request, &h.designer)).await.unwrap().into_inner();
+    assert_eq!(latest.component_type.unwrap().version, "2.0.0", "the intruder's version was not published");
+    let request =
+        pb::UpdateComponentTypeRequest { component_type: Some(remote_draft("acme.a", "3.0.0", &addr)) };
+    h.client.update_component_type(authed(request, &admin)).await.unwrap();
+
     let request = pb::DeprecateComponentTypeRequest { r#type: "sink.log".into(), ..Default::default() };
     assert_eq!(
         h.client.deprecate_component_type(authed(request, &h.registrar)).await.unwrap_err().code(),

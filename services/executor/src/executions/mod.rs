@@ -148,7 +148,10 @@ impl Run {
 type DesignRevision = (String, i64);
 
 /// A plan and since when it is kept.
-type KeptPlan = (Arc<Plan>, Instant);
+type KeptPlan = (Arc<Plan>, Instant, Verdict);
+
+/// What ValidateDesign said of a plan's design revision: the errors, if any.
+pub(crate) type Verdict = Arc<Vec<String>>;
 
 /// An execution stored by this replica and not taken yet: its row and plan.
 type Queued = (execution::Model, Arc<Plan>, Instant);

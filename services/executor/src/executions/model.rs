@@ -80,6 +80,8 @@ pub(crate) struct StartRequest {
     pub(crate) options: StoredOptions,
     /// Empty: none.
     pub(crate) idempotency_key: String,
+    /// Run even when the design's validation reports errors.
+    pub(crate) run_invalid: bool,
 }
 
 /// RetryExecution.

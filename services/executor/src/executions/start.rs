@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{
-    Execution, Executor, Messages, RetryRequest, StartRequest, check_id,
+    Execution, Executor, Messages, RetryRequest, StartRequest, Verdict, check_id,
     events::{Subject, status_changed},
     lock, now,
 };
@@ -54,8 +54,24 @@ impl Executor {
         {
             return same_start(&existing, &request.design_id);
         }
-        let (revision, plan) =
+        let (revision, plan, errors) =
             self.plan_for(&credentials, &request.design_id, request.design_revision).await?;
+        if !errors.is_empty() && !request.run_invalid {
+            const LISTED: usize = 10;
+            let mut listed: Vec<String> = errors.iter().take(LISTED).cloned().collect();
+            if errors.len() > LISTED {
+                listed.push(format!("and {} more", errors.len() - LISTED));
+            }
+            return Err(Error::precondition(
+                "DESIGN_INVALID",
+                format!(
+                    "revision {revision} of the design has {} error{} (ValidateDesign lists them; run_invalid runs it anyway): {}",
+                    errors.len(),
+                    if errors.len() == 1 { "" } else { "s" },
+                    listed.join("; ")
+                ),
+            ));
+        }
         let inputs = check_request(&plan, &request.options, &request.inputs)?;
         let pending: Vec<StoredNode> = plan
             .nodes
@@ -91,20 +107,20 @@ impl Executor {
         credentials: &Credentials,
         design_id: &str,
         revision: i64,
-    ) -> Result<(i64, Arc<Plan>), Error> {
+    ) -> Result<(i64, Arc<Plan>, Verdict), Error> {
         let kept = |revision: i64| {
             let plans = lock(&self.plans);
             plans
                 .get(&(design_id.to_owned(), revision))
-                .filter(|(_, at)| at.elapsed() < PLAN_TTL)
-                .map(|(plan, _)| plan.clone())
+                .filter(|(_, at, _)| at.elapsed() < PLAN_TTL)
+                .map(|(plan, _, verdict)| (plan.clone(), verdict.clone()))
         };
         if revision > 0
             && let Some(access) = self.designs.known_access(credentials, design_id)
-            && let Some(plan) = kept(revision)
+            && let Some((plan, verdict)) = kept(revision)
         {
             return match access {
-                Access::Editor => Ok((revision, plan)),
+                Access::Editor => Ok((revision, plan, verdict)),
                 Access::Viewer => Err(Error::Forbidden("you can view this design but not run it".into())),
             };
         }
@@ -117,15 +133,16 @@ impl Executor {
         if revision == 0 {
             // The current revision is cheap to learn; its plan is often at hand.
             let current = self.designs.current(credentials, design_id).await?;
-            if let Some(plan) = kept(editor(&current)?) {
-                return Ok((current.revision, plan));
+            if let Some((plan, verdict)) = kept(editor(&current)?) {
+                return Ok((current.revision, plan, verdict));
             }
         }
         let design = self.designs.design(credentials, design_id, revision).await?;
         let revision = editor(&design)?;
-        if let Some(plan) = kept(revision) {
-            return Ok((revision, plan));
+        if let Some((plan, verdict)) = kept(revision) {
+            return Ok((revision, plan, verdict));
         }
+        let verdict = Arc::new(self.designs.errors(credentials, design_id, revision).await?);
         let plan = plan::build(design, &self.designs, &self.registry, credentials).await?;
         // Build it once now, so a design that cannot run is refused here, not queued.
         let defaults = StoredOptions::from_pb(None, &self.settings.executor).map_err(Error::fields)?;
@@ -142,13 +159,13 @@ impl Executor {
         let plan = Arc::new(plan);
         let mut plans = lock(&self.plans);
         if plans.len() >= MAX_PLANS {
-            plans.retain(|_, (_, at)| at.elapsed() < PLAN_TTL);
+            plans.retain(|_, (_, at, _)| at.elapsed() < PLAN_TTL);
             if plans.len() >= MAX_PLANS {
                 plans.clear();
             }
         }
-        plans.insert((design_id.to_owned(), revision), (plan.clone(), Instant::now()));
-        Ok((revision, plan))
+        plans.insert((design_id.to_owned(), revision), (plan.clone(), Instant::now(), verdict.clone()));
+        Ok((revision, plan, verdict))
     }
 
     /// Stores a new execution, announces it and queues its job.
