@@ -314,6 +314,15 @@ async fn serve(mut settings: Settings, target: Target) -> anyhow::Result<()> {
             }
             let gateway = csp_gateway::Application::with_listener(&settings, bus, gateway_listener)?;
             announce(&settings, gateway.local_addr(), true);
+            if let Ok(false) = csp_auth::has_users(&settings).await {
+                println!(
+                    "no users yet: create the first admin (it asks for a password; or set CSP_ADMIN_PASSWORD):"
+                );
+                println!(
+                    "     csp admin create-user --username admin --email admin@example.com --role admin"
+                );
+                println!("     (from a checkout: cargo run --bin csp -- admin create-user ...)");
+            }
             let stop = gateway_stop.clone();
             gateway_task =
                 Some(tokio::spawn(

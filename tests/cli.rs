@@ -549,6 +549,39 @@ async fn a_disabled_feature_names_its_flag() {
     assert!(csp.terminate().success());
 }
 
+/// A first start, with no user yet, says how to create the first admin; once there is one,
+/// it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_says_how_to_create_the_first_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars: Vec<(String, String)> = [("CSP_GATEWAY__LISTEN", "127.0.0.1:0"), ("LOG_LEVEL", "warn")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec();
+    let hint = "csp admin create-user --username admin --email admin@example.com --role admin";
+    let printed = |csp: &Running| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = csp.stdout.lock().unwrap().clone();
+            if lines.iter().any(|l| l.starts_with("all services running")) {
+                std::thread::sleep(Duration::from_millis(300));
+                return csp.stdout.lock().unwrap().join("\n");
+            }
+            assert!(Instant::now() < deadline, "{lines:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut csp = Running::start(dir.path(), &vars, &["serve"]);
+    let first = printed(&csp);
+    assert!(first.contains(hint), "{first}");
+    assert!(csp.terminate().success());
+
+    create_admin_in(dir.path(), &vars);
+    let mut csp = Running::start(dir.path(), &vars, &["serve"]);
+    let again = printed(&csp);
+    assert!(!again.contains("create-user"), "{again}");
+    assert!(csp.terminate().success());
+}
+
 #[test]
 fn an_unknown_target_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();

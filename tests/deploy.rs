@@ -157,7 +157,7 @@ async fn boot(env: &TestEnv, jobs: &[Workload], workloads: &[Workload], gateway:
     let mut running = Vec::new();
     for workload in workloads {
         let child = workload.command(dir, env).stdout(Stdio::null()).spawn().unwrap();
-        running.push(Running { child, gateway: "127.0.0.1:0".parse().unwrap() });
+        running.push(Running::of(child));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     for workload in workloads {

@@ -160,7 +160,7 @@ fn start_system(env: &TestEnv, endpoint: &str) -> System {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        running.push(Running { child, gateway: "127.0.0.1:0".parse().unwrap() });
+        running.push(Running::of(child));
     }
     let gateway = Running::start(env.dir(), &vars, &["serve", "--target", "gateway"]);
     let addr = gateway.gateway;

@@ -221,7 +221,9 @@ async fn redis_and_postgres_outages_lose_and_duplicate_nothing() {
         own.push(("HOSTNAME".into(), name.into()));
         let (child, addr) =
             Running::spawn(env.dir(), &own, &["serve", "--target", "executor"], "executor listening on ");
-        replicas.push(Running { child, gateway: addr.parse::<SocketAddr>().unwrap() });
+        let mut replica = Running::of(child);
+        replica.gateway = addr.parse::<SocketAddr>().unwrap();
+        replicas.push(replica);
     }
     let token = new_designer(gateway).await;
     let design = design_of(

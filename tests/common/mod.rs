@@ -8,6 +8,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -73,12 +74,21 @@ pub fn env_vars(env: &TestEnv) -> Vec<(String, String)> {
 pub struct Running {
     pub child: Child,
     pub gateway: SocketAddr,
+    /// What it printed on stdout so far (when started with [`Running::start`]).
+    pub stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Running {
     pub fn start(dir: &Path, vars: &[(String, String)], args: &[&str]) -> Running {
-        let (child, addr) = Self::spawn(dir, vars, args, "gateway listening on http://");
-        Running { child, gateway: addr.parse().unwrap() }
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let (child, addr) =
+            Self::spawn_recording(dir, vars, args, "gateway listening on http://", stdout.clone());
+        Running { child, gateway: addr.parse().unwrap(), stdout }
+    }
+
+    /// A process started elsewhere, as a `Running` that stops it when dropped.
+    pub fn of(child: Child) -> Running {
+        Running { child, gateway: "127.0.0.1:0".parse().unwrap(), stdout: Default::default() }
     }
 
     /// Starts `csp` and waits for the stdout line that starts with `announce`; returns the
@@ -88,6 +98,16 @@ impl Running {
         vars: &[(String, String)],
         args: &[&str],
         announce: &'static str,
+    ) -> (Child, String) {
+        Self::spawn_recording(dir, vars, args, announce, Default::default())
+    }
+
+    fn spawn_recording(
+        dir: &Path,
+        vars: &[(String, String)],
+        args: &[&str],
+        announce: &'static str,
+        recorded: Arc<Mutex<Vec<String>>>,
     ) -> (Child, String) {
         let mut child = csp(dir)
             .args(args)
@@ -104,6 +124,7 @@ impl Running {
                     let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
                     let _ = tx.send(addr);
                 }
+                recorded.lock().unwrap().push(line);
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("csp announced its address");

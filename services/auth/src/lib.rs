@@ -115,6 +115,14 @@ pub async fn migrate(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether any user exists yet (a first start has none, and nobody can sign in).
+pub async fn has_users(settings: &Settings) -> Result<bool, Error> {
+    use sea_orm::EntityTrait as _;
+    let db = csp_store::open::<migration::Migrator>(settings, SERVICE).await?;
+    let found = entity::user::Entity::find().one(db.conn()).await.map_err(error::Error::from)?;
+    Ok(found.is_some())
+}
+
 /// Creates a user directly in the database, with the same rules as `CreateUser`
 /// (`csp admin create-user`: the way to make the first admin). Returns the user id.
 pub async fn create_user(
