@@ -20,33 +20,22 @@ mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Write as _},
+    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{ADMIN_PASSWORD, Running, channel, create_admin, csp, design_of, env_vars, http_get, login};
+use common::{
+    ADMIN_PASSWORD, Peer, Running, channel, create_admin, csp, design_of, env_vars, http_get, login,
+    peers_python,
+};
 use csp_proto::executor::v1 as pb;
 use csp_testkit::{Backend, TestEnv, authed};
 use serde_json::{Value, json};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-/// The Python that `make test` prepares for the tests' peers (grpcio, opentelemetry-proto).
-fn peers_python() -> Option<PathBuf> {
-    let path = std::env::var_os("CSP_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(ROOT).join(".tools/peers/bin/python"));
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(!csp_testkit::external_required(), "{} is missing: `make test` installs it", path.display());
-    eprintln!("skipped: {} is missing (`make test` installs it)", path.display());
-    None
-}
 
 /// Prometheus's `promtool` (`make test` installs it).
 fn promtool() -> Option<PathBuf> {
@@ -62,49 +51,16 @@ fn promtool() -> Option<PathBuf> {
     None
 }
 
-/// The OTLP receiver process and the spans it has printed.
-struct Receiver {
-    child: Child,
-    port: u16,
-    spans: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Receiver {
-    fn start(python: &Path) -> Receiver {
-        let mut child = Command::new(python)
-            .arg(Path::new(ROOT).join("tests/peers/otlp_receiver.py"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let collected = spans.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(port) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(port.parse::<u16>().unwrap());
-                } else {
-                    collected.lock().unwrap().push(serde_json::from_str::<Value>(&line).unwrap());
-                }
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(30)).expect("the OTLP receiver started");
-        Receiver { child, port, spans }
-    }
-
-    fn of_trace(&self, trace_id: &str) -> Vec<Value> {
-        self.spans.lock().unwrap().iter().filter(|s| s["trace_id"] == trace_id).cloned().collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The OTLP receiver and the spans it has printed (one JSON object per line).
+fn spans_of(receiver: &Peer, trace_id: &str) -> Vec<Value> {
+    receiver
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|s| s["trace_id"] == trace_id)
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -214,7 +170,7 @@ fn ancestors<'a>(spans: &'a [Value], span: &Value) -> Vec<&'a Value> {
 
 async fn what_operators_see(env: TestEnv) {
     let Some(python) = peers_python() else { return };
-    let receiver = Receiver::start(&python);
+    let receiver = Peer::start(&python, "otlp_receiver.py", &[]);
     let system = start_system(&env, &format!("http://127.0.0.1:{}", receiver.port));
     let gateway = system.gateway;
     wait_ready(gateway).await;
@@ -262,7 +218,7 @@ async fn what_operators_see(env: TestEnv) {
     // Every span of the execution, once exported: the three node spans end last.
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
-        let spans = receiver.of_trace(&trace_id);
+        let spans = spans_of(&receiver, &trace_id);
         if span_named(&spans, "execution", None).len() == 1
             && spans.iter().filter(|s| s["attributes"]["node.id"].is_string()).count() >= nodes.len()
         {

@@ -264,3 +264,62 @@ pub async fn design_of(addr: SocketAddr, token: &str, nodes: &[(&str, &str, serd
     designs.apply_ops(csp_testkit::authed(request, token)).await.unwrap();
     design.id
 }
+
+/// The Python that `make test` prepares for the tests' peers (grpcio, grpcio-tools, the
+/// OpenTelemetry protos); `None` (skip) outside CI when it is missing.
+pub fn peers_python() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("CSP_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/peers/bin/python"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(!csp_testkit::external_required(), "{} is missing: `make test` installs it", path.display());
+    eprintln!("skipped: {} is missing (`make test` installs it)", path.display());
+    None
+}
+
+/// A peer process (tests/peers/*.py) that prints `listening on <port>` first; its other stdout
+/// lines are collected. Killed when dropped.
+pub struct Peer {
+    pub child: Child,
+    pub port: u16,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Peer {
+    pub fn start(python: &Path, script: &str, args: &[&str]) -> Peer {
+        let mut child = Command::new(python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers").join(script))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match line.strip_prefix("listening on ") {
+                    Some(port) => {
+                        let _ = tx.send(port.parse::<u16>().unwrap());
+                    }
+                    None => collected.lock().unwrap().push(line),
+                }
+            }
+        });
+        let port =
+            rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("{script} did not start"));
+        Peer { child, port, lines }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

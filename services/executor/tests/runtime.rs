@@ -769,7 +769,20 @@ mod remote {
         let ran = run(&p, options.clone()).await;
         assert_eq!(ran.output("out"), [json!({ "id": 2, "attempts": 1 })]);
 
-        // No answer: the node fails once its endpoint's timeout passes.
+        // No answer within the endpoint's timeout: retried like any failure that may pass,
+        // then the error policy decides — skipped here...
+        options.inputs.insert("in".into(), vec![json!({ "id": 3 }), json!({ "hang": true })]);
+        let ran = run(&p, options.clone()).await;
+        assert_eq!(ran.outcome.ending, Ending::Succeeded, "{:?}", ran.outcome.error);
+        assert_eq!(ran.output("out"), [json!({ "id": 3, "attempts": 1 })]);
+        let actions: Vec<String> = ran
+            .events
+            .iter()
+            .filter_map(|e| if let Event::NodeError(n) = e { Some(n.action.clone()) } else { None })
+            .collect();
+        assert_eq!(actions, ["retry", "skip"]);
+        // ... and failing the node by default.
+        options.policies.get_mut("flaky").unwrap().on_error = OnError::Fail;
         options.inputs.insert("in".into(), vec![json!({ "hang": true })]);
         let ran = run(&p, options).await;
         assert_eq!(ran.outcome.ending, Ending::Failed);

@@ -155,24 +155,35 @@ impl Remote {
         }
     }
 
-    pub(crate) async fn run(self, mut driver: Driver) -> Result<(), NodeFailed> {
-        let mut client = self.connect().await.map_err(NodeFailed)?;
+    /// How long the component may take to answer, while it owes an answer: the node's
+    /// `timeout_ms`, or the node policy's per-message timeout when that is shorter.
+    fn idle(&self, policy: &super::Policy) -> Duration {
+        let own = Duration::from_millis(self.endpoint.timeout_ms.max(1));
+        policy.timeout.map_or(own, |policy| own.min(policy.max(Duration::from_millis(1))))
+    }
+
+    /// Opens a `Process` stream and sends its Start. The response headers are awaited with
+    /// the first answer, not before the inputs: grpc-python and grpc-go servers send them only
+    /// with their first answer, which comes only once they have a message to answer.
+    async fn open(&self, client: &ComponentRuntimeClient<tonic::transport::Channel>) -> Stream {
         let (tx, rx) = mpsc::channel::<pb::ProcessRequest>(64);
         let _ = tx.send(request(pb::process_request::Kind::Start(self.start()))).await;
-        let mut responses = client
-            .process(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| {
-                NodeFailed(format!("the component at {} refused: {}", self.endpoint.address, s.message()))
-            })?
-            .into_inner();
+        let mut client = client.clone();
+        let call = Box::pin(async move { client.process(ReceiverStream::new(rx)).await });
+        Stream { tx, call: Some(call), responses: None }
+    }
 
-        let idle = Duration::from_millis(self.endpoint.timeout_ms.max(1));
+    pub(crate) async fn run(self, mut driver: Driver) -> Result<(), NodeFailed> {
+        let client = self.connect().await.map_err(NodeFailed)?;
+        let mut stream = self.open(&client).await;
+        let idle = self.idle(&driver.policy);
         let mut emit = Emit::new(driver.outputs_len());
         let mut batch: Vec<Msg> = Vec::new();
         let mut sent: HashMap<u64, (usize, Msg, u32)> = HashMap::new();
         let mut order: VecDeque<u64> = VecDeque::new();
         let mut sequence = 0u64;
+        // The highest input sequence an answer (output or error) has named.
+        let mut answered = 0u64;
         let mut inputs_open = true;
         // Something sent that nothing has answered yet: the component must answer in time.
         let mut awaiting = false;
@@ -196,7 +207,7 @@ impl Remote {
                                     sent.remove(&old);
                                 }
                                 awaiting = true;
-                                if tx.send(request(pb::process_request::Kind::Message(message))).await.is_err() {
+                                if stream.tx.send(request(pb::process_request::Kind::Message(message))).await.is_err() {
                                     return Err(NodeFailed(format!("the component at {} hung up", self.endpoint.address)));
                                 }
                             }
@@ -204,31 +215,65 @@ impl Remote {
                         Received::Closed => {
                             inputs_open = false;
                             awaiting = true;
-                            for port in &self.inputs {
-                                let closed = pb::InputClosed { port: port.clone() };
-                                let _ = tx.send(request(pb::process_request::Kind::InputClosed(closed))).await;
-                            }
+                            self.close_inputs(&stream.tx).await;
                         }
                     }
                 }
                 answer = async {
-                    if awaiting { tokio::time::timeout(idle, responses.message()).await } else { Ok(responses.message().await) }
+                    if awaiting { tokio::time::timeout(idle, stream.next()).await } else { Ok(stream.next().await) }
                 } => {
                     awaiting = !inputs_open;
                     let answer = match answer {
-                        Err(_) => return Err(NodeFailed(format!("the component at {} did not answer within {} ms", self.endpoint.address, idle.as_millis()))),
+                        Err(_) => {
+                            // Not answered in time: what it has not answered goes to a new
+                            // stream, each message with one attempt more, under the node's retry
+                            // policy and then its error policy (at least once: a message it was
+                            // still working on may be processed twice).
+                            let error = format!("the component at {} did not answer within {} ms", self.endpoint.address, idle.as_millis());
+                            let owed: Vec<u64> = order.iter().copied().filter(|s| *s > answered).collect();
+                            stream = self.open(&client).await;
+                            let mut waited = false;
+                            for seq in owed {
+                                let Some((port, msg, attempt)) = sent.get(&seq).cloned() else { continue };
+                                if attempt > driver.policy.max_retries {
+                                    sent.remove(&seq);
+                                    driver.give_up(error.clone(), msg, attempt, &mut emit).await?;
+                                    continue;
+                                }
+                                if !waited {
+                                    driver.retry_wait(&error, attempt).await;
+                                    waited = true;
+                                }
+                                sent.insert(seq, (port, msg.clone(), attempt + 1));
+                                let again = pb::Message {
+                                    port: self.inputs.get(port).cloned().unwrap_or_default(),
+                                    payload: Some(pbjson::to_value((*msg).clone())),
+                                    sequence: seq,
+                                };
+                                let _ = stream.tx.send(request(pb::process_request::Kind::Message(again))).await;
+                                awaiting = true;
+                            }
+                            if !inputs_open {
+                                self.close_inputs(&stream.tx).await;
+                                awaiting = true;
+                            }
+                            driver.flush(&mut emit).await;
+                            continue;
+                        }
                         Ok(Err(status)) => return Err(NodeFailed(format!("the component at {} failed: {}", self.endpoint.address, status.message()))),
                         Ok(Ok(None)) => return Err(NodeFailed(format!("the component at {} ended its stream before saying it was done", self.endpoint.address))),
                         Ok(Ok(Some(answer))) => answer,
                     };
                     match answer.kind {
                         Some(pb::process_response::Kind::Message(m)) => {
+                            answered = answered.max(m.sequence);
                             let Some(port) = self.outputs.iter().position(|p| *p == m.port) else {
                                 return Err(NodeFailed(format!("the component sent to `{}`, which is not one of its outputs", m.port)));
                             };
                             emit.value(port, m.payload.map(pbjson::from_value).unwrap_or(Value::Null));
                         }
                         Some(pb::process_response::Kind::Error(e)) => {
+                            answered = answered.max(e.sequence);
                             let Some((port, msg, attempt)) = sent.get(&e.sequence).cloned() else {
                                 driver.give_up(e.message, super::channel::msg(Value::Null), 1, &mut emit).await?;
                                 continue;
@@ -236,7 +281,8 @@ impl Remote {
                             if e.retryable && attempt <= driver.policy.max_retries && !inputs_open {
                                 // The component was told its inputs closed: a message sent now
                                 // would break the protocol, so retries run on streams of their own.
-                                self.retry_alone(&mut client, &mut driver, port, msg, attempt, e.message, &mut emit).await?;
+                                let mut alone = client.clone();
+                                self.retry_alone(&mut alone, &mut driver, port, msg, attempt, e.message, &mut emit).await?;
                             } else if e.retryable && attempt <= driver.policy.max_retries {
                                 driver.retry_wait(&e.message, attempt).await;
                                 sent.insert(e.sequence, (port, msg.clone(), attempt + 1));
@@ -246,7 +292,7 @@ impl Remote {
                                     sequence: e.sequence,
                                 };
                                 awaiting = true;
-                                let _ = tx.send(request(pb::process_request::Kind::Message(again))).await;
+                                let _ = stream.tx.send(request(pb::process_request::Kind::Message(again))).await;
                             } else {
                                 driver.give_up(e.message, msg, attempt, &mut emit).await?;
                             }
@@ -263,5 +309,42 @@ impl Remote {
         }
         driver.outputs.close();
         Ok(())
+    }
+
+    async fn close_inputs(&self, tx: &mpsc::Sender<pb::ProcessRequest>) {
+        for port in &self.inputs {
+            let closed = pb::InputClosed { port: port.clone() };
+            let _ = tx.send(request(pb::process_request::Kind::InputClosed(closed))).await;
+        }
+    }
+}
+
+type Call = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<tonic::Response<tonic::Streaming<pb::ProcessResponse>>, tonic::Status>,
+            > + Send,
+    >,
+>;
+
+/// One `Process` stream: where requests go, and the answers (after the response headers).
+struct Stream {
+    tx: mpsc::Sender<pb::ProcessRequest>,
+    call: Option<Call>,
+    responses: Option<tonic::Streaming<pb::ProcessResponse>>,
+}
+
+impl Stream {
+    /// The next answer, the response headers first if they have not come yet.
+    async fn next(&mut self) -> Result<Option<pb::ProcessResponse>, tonic::Status> {
+        if let Some(call) = self.call.as_mut() {
+            let responses = call.await?.into_inner();
+            self.call = None;
+            self.responses = Some(responses);
+        }
+        match self.responses.as_mut() {
+            Some(responses) => responses.message().await,
+            None => Ok(None),
+        }
     }
 }
