@@ -466,24 +466,31 @@ pub(crate) fn all() -> Vec<ComponentSpec> {
     specs.push(spec(
         "control.delay",
         Category::Control,
-        "Delay",
-        "Holds each message for a time before sending it on.",
+        "Delay / throttle",
+        "Holds each message for `delay_ms` (plus up to `jitter_ms`), many messages waiting at once; with `rate_per_second`, also lets at most that many through per second, in order (a throttle).",
         "timer",
         vec![input()],
         vec![output()],
         object(
             &[
-                ("delay_ms", json!({ "type": "integer", "minimum": 0, "maximum": 86_400_000 })),
+                ("delay_ms", json!({ "type": "integer", "minimum": 0, "maximum": 86_400_000, "default": 0 })),
                 (
                     "jitter_ms",
                     json!({ "type": "integer", "minimum": 0, "maximum": 86_400_000, "default": 0 }),
                 ),
+                (
+                    "rate_per_second",
+                    json!({ "type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000, "description": "At most this many messages a second, evenly spaced." }),
+                ),
             ],
-            &["delay_ms"],
+            &[],
         ),
-        vec![example("A second", "One second per message.", json!({ "delay_ms": 1000 }))],
+        vec![
+            example("A second", "One second per message.", json!({ "delay_ms": 1000 })),
+            example("Five a second", "A throttle: at most five messages a second, in order.", json!({ "rate_per_second": 5 })),
+        ],
         behaviour(ReadMode::One, WriteMode::One, false),
-        &["wait", "sleep", "throttle"],
+        &["wait", "sleep", "throttle", "rate limit"],
     ));
 
     // --- validation ---

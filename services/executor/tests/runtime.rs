@@ -264,6 +264,19 @@ async fn control() {
             .await;
     assert_eq!(ran.output("out_out"), [json!(1), json!(2)]);
     assert!(started.elapsed() >= Duration::from_millis(50));
+    // A delay holds many messages at once: ten messages of 300 ms take about 300 ms, not 3 s...
+    let ten: Vec<Value> = (0..10).map(|i| json!(i)).collect();
+    let started = std::time::Instant::now();
+    let ran = through("control.delay", json!({ "delay_ms": 300 }), &[("in", ten.clone())], &["out"]).await;
+    assert_eq!(ran.output("out_out"), ten);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(2_500), "{took:?}");
+    // ... while a throttle spaces them: 20 a second lets ten through over 450 ms or more, in order.
+    let started = std::time::Instant::now();
+    let ran =
+        through("control.delay", json!({ "rate_per_second": 20 }), &[("in", ten.clone())], &["out"]).await;
+    assert_eq!(ran.output("out_out"), ten);
+    assert!(started.elapsed() >= Duration::from_millis(450), "{:?}", started.elapsed());
 
     // Several connections into one port merge.
     let p = plan(

@@ -108,7 +108,7 @@ fn bad_configs() -> Vec<(&'static str, Value, &'static str)> {
         ("control.merge", json!({ "colour": "red" }), "/colour"),
         ("control.alt", json!({ "inputs": ["a", "b"], "priority": "random" }), "/priority"),
         ("control.batch", json!({ "size": 0 }), "/size"),
-        ("control.delay", json!({}), "/delay_ms"),
+        ("control.delay", json!({ "rate_per_second": 0 }), "/rate_per_second"),
         ("validate.json_schema", json!({ "schema": { "type": "nonsense" } }), "/schema"),
         ("metrics.counter", json!({ "name": "Bad Name" }), "/name"),
         ("metrics.stats", json!({ "every": 0 }), "/every"),

@@ -225,19 +225,31 @@ impl Transform for Batch {
 /// Messages a delay holds at most; beyond it, it stops taking messages (back-pressure).
 const DELAY_HOLD: usize = 4096;
 
-/// `control.delay`: each message held for `delay_ms` (plus up to `jitter_ms`), many at once.
+/// `control.delay`: each message held for `delay_ms` (plus up to `jitter_ms`), many at once;
+/// with `rate_per_second`, no two messages closer than `1 / rate` apart, in order (a throttle).
 pub(crate) struct Delay {
     delay: Duration,
     jitter_ms: u64,
+    /// The least time between two messages (the throttle), if any.
+    spacing: Option<Duration>,
+    /// When the throttle lets the next message through.
+    next_slot: Instant,
     held: VecDeque<(Instant, Msg)>,
     out: usize,
 }
 
 impl Delay {
     pub(crate) fn new(config: &Value, out: usize) -> Self {
+        let spacing = config
+            .get("rate_per_second")
+            .and_then(Value::as_f64)
+            .filter(|rate| *rate > 0.0)
+            .map(|rate| Duration::from_secs_f64(1.0 / rate));
         Self {
             delay: Duration::from_millis(config.get("delay_ms").and_then(Value::as_u64).unwrap_or(0)),
             jitter_ms: config.get("jitter_ms").and_then(Value::as_u64).unwrap_or(0),
+            spacing,
+            next_slot: Instant::now(),
             held: VecDeque::new(),
             out,
         }
@@ -247,7 +259,11 @@ impl Delay {
 impl Transform for Delay {
     fn process(&mut self, _port: usize, msg: Msg, _out: &mut Emit) -> Result<(), Failure> {
         let jitter = if self.jitter_ms > 0 { rand::random_range(0..=self.jitter_ms) } else { 0 };
-        let due = Instant::now() + self.delay + Duration::from_millis(jitter);
+        let mut due = Instant::now() + self.delay + Duration::from_millis(jitter);
+        if let Some(spacing) = self.spacing {
+            due = due.max(self.next_slot);
+            self.next_slot = due + spacing;
+        }
         // Keep the queue ordered by due time (jitter may reorder).
         let at = self.held.iter().rposition(|(d, _)| *d <= due).map_or(0, |i| i + 1);
         self.held.insert(at, (due, msg));
