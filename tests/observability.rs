@@ -219,8 +219,17 @@ async fn what_operators_see(env: TestEnv) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
         let spans = spans_of(&receiver, &trace_id);
+        // Each process exports on its own schedule: wait for every part of the trace.
+        let start = "csp.executor.v1.ExecutorService/StartExecution";
         if span_named(&spans, "execution", None).len() == 1
             && spans.iter().filter(|s| s["attributes"]["node.id"].is_string()).count() >= nodes.len()
+            && span_named(&spans, "csp.ai.v1.AiService/Chat", Some("ai")).len() >= names.len()
+            && span_named(&spans, start, Some("gateway")).len() == 1
+            && span_named(&spans, start, Some("executor")).len() == 1
+            && spans.iter().all(|span| {
+                let parent = &span["parent_span_id"];
+                *parent == client_span || spans.iter().any(|s| s["span_id"] == *parent)
+            })
         {
             break spans;
         }

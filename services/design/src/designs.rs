@@ -299,7 +299,10 @@ impl Designs {
             Error::Internal(format!("design {id} has no snapshot at or before revision {revision}"))
         })?;
         for row in repo::revisions_between(db, id, from, revision).await? {
-            document.replay(&repo::ops_of(&row), &self.limits);
+            let ops = repo::ops_of(&row).map_err(Error::Internal)?;
+            document.replay(&ops, &self.limits).map_err(|e| {
+                Error::Internal(format!("design {id}: revision {} no longer replays: {e}", row.revision))
+            })?;
         }
         Ok(document)
     }

@@ -529,7 +529,9 @@ impl Document {
     }
 
     /// Applies committed ops (from the revision log); they were checked when committed.
-    pub fn replay(&mut self, ops: &[Op], limits: &DesignSettings) {
+    /// Applies committed ops again (to rebuild an old revision). An op that no longer applies
+    /// is an error: a revision rebuilt without it would be a design that never existed.
+    pub fn replay(&mut self, ops: &[Op], limits: &DesignSettings) -> Result<(), String> {
         // Replays must not be refused by limits lowered since: check against generous ones.
         let generous = DesignSettings {
             max_nodes: usize::MAX,
@@ -540,11 +542,11 @@ impl Document {
         };
         let rules = Rules { limits: &generous };
         let mut sink = Vec::new();
-        for op in ops {
-            if let Err(e) = self.apply(op.clone(), &rules, "", &mut sink) {
-                tracing::warn!(?e, "a committed op no longer applies; skipped");
-            }
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(op.clone(), &rules, "", &mut sink)
+                .map_err(|e| format!("op {i} no longer applies: {e:?}"))?;
         }
+        Ok(())
     }
 }
 

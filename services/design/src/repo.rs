@@ -293,7 +293,15 @@ pub(crate) async fn snapshot_before(
         .order_by_desc(snapshot::Column::Revision)
         .one(db)
         .await?;
-    Ok(row.and_then(|r| serde_json::from_str(&r.document).ok().map(|d| (r.revision, d))))
+    row.map(|r| {
+        serde_json::from_str(&r.document).map(|d| (r.revision, d)).map_err(|e| {
+            DbErr::Custom(format!(
+                "the snapshot of design {design_id} at revision {} cannot be read: {e}",
+                r.revision
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// Revisions in `(after, until]`, oldest first.
@@ -337,8 +345,11 @@ pub(crate) async fn revision_row(
     revision::Entity::find_by_id((design_id.to_owned(), revision)).one(db).await
 }
 
-pub(crate) fn ops_of(row: &revision::Model) -> Vec<Op> {
-    serde_json::from_str(&row.ops).unwrap_or_default()
+/// A revision's ops; an error when they cannot be read (history is never guessed at).
+pub(crate) fn ops_of(row: &revision::Model) -> Result<Vec<Op>, String> {
+    serde_json::from_str(&row.ops).map_err(|e| {
+        format!("the ops of design {} at revision {} cannot be read: {e}", row.design_id, row.revision)
+    })
 }
 
 pub(crate) async fn share(

@@ -1149,7 +1149,46 @@ async fn searches_match_wildcard_characters_literally(env: TestEnv) {
     }
 }
 
+/// History that cannot be read (an op, a snapshot) makes the old revision an INTERNAL error,
+/// never a design that never existed.
+async fn unreadable_history_is_an_error_not_a_wrong_design(env: TestEnv) {
+    use sea_orm::ConnectionTrait as _;
+    let h = start(&env, |s| s.design.snapshot_every = 3).await;
+    let alice = h.designer("alice");
+    let id = h.create(&alice, "Fragile").await.id;
+    h.apply(&alice, &id, 1, vec![add_node("a", "source.constant", json!({ "value": 1 }))]).await.unwrap();
+    h.apply(&alice, &id, 2, vec![add_node("b", "sink.log", json!({}))]).await.unwrap();
+    h.apply(&alice, &id, 3, vec![rename("Fragile, renamed")]).await.unwrap();
+    let revision = |revision: i64| {
+        let mut client = h.client.clone();
+        let alice = alice.clone();
+        let id = id.clone();
+        async move {
+            let request = pb::GetRevisionRequest { design_id: id, revision };
+            client.get_revision(authed(request, &alice)).await
+        }
+    };
+    assert_eq!(revision(2).await.unwrap().into_inner().design.unwrap().nodes.len(), 1);
+
+    let db = csp_store::connect(&h.settings, csp_platform::Service::Design).await.unwrap();
+    let at_2 = format!("WHERE design_id = '{id}' AND revision = 2");
+    // An op that no longer applies (the same node added twice) fails the replay...
+    let doubled = format!(
+        "UPDATE revisions SET ops = '[' || substr(ops, 2, length(ops) - 2) || ',' || substr(ops, 2) {at_2}"
+    );
+    db.conn().execute_unprepared(&doubled).await.unwrap();
+    let status = revision(2).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{}", status.message());
+    // ... and so do ops that cannot be read.
+    db.conn().execute_unprepared(&format!("UPDATE revisions SET ops = 'not json' {at_2}")).await.unwrap();
+    let status = revision(2).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{}", status.message());
+    // The current revision does not depend on the history.
+    assert_eq!(h.get(&alice, &id).await.unwrap().name, "Fragile, renamed");
+}
+
 csp_testkit::backend_tests!(
+    unreadable_history_is_an_error_not_a_wrong_design,
     searches_match_wildcard_characters_literally,
     racing_edits_commit_exactly_once,
     history_restore_and_diff,
