@@ -198,6 +198,10 @@ async fn forward(
             match body.frame().await {
                 Some(Ok(frame)) => prefix.push_back(frame),
                 Some(Err(_)) if over_limit.load(Ordering::SeqCst) => {
+                    // Read the rest of the request (bounded) before answering: an HTTP/1.1
+                    // client (a browser's grpc-web) still sending would otherwise see its
+                    // connection reset instead of the answer.
+                    discard(body.into_inner(), DISCARD_LIMIT).await;
                     return Ok(too_large(upstreams.max_message_bytes).into_http());
                 }
                 Some(Err(status)) => return Ok(status.into_http()),
@@ -245,6 +249,29 @@ async fn forward(
             Ok(Status::unavailable(format!("{service} is unavailable")).into_http())
         }
     }
+}
+
+/// The most of a refused request's body read (and thrown away) before answering.
+const DISCARD_LIMIT: usize = 64 * 1024 * 1024;
+/// The longest a refused request's body is read for.
+const DISCARD_TIME: Duration = Duration::from_secs(10);
+
+/// Reads and drops what is left of a body, up to `limit` bytes and [`DISCARD_TIME`].
+async fn discard<B>(body: B, limit: usize)
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    let mut body = body;
+    let mut read = 0usize;
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while read <= limit {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
+        }
+    })
+    .await;
 }
 
 fn too_large(max: usize) -> Status {
@@ -324,6 +351,10 @@ impl<B> FrameLimit<B> {
 
     fn header_seen(&self) -> bool {
         self.headers_seen > 0
+    }
+
+    fn into_inner(self) -> B {
+        self.inner
     }
 }
 

@@ -519,3 +519,63 @@ async fn an_upstreams_oversized_status_fails_only_its_own_call() {
     let rest: Vec<String> = stream.map(|r| r.unwrap().event.unwrap().event_id).collect().await;
     assert_eq!(rest, ["2", "3"]);
 }
+
+/// A browser's grpc-web call over HTTP/1.1 with a message over the limit gets its
+/// RESOURCE_EXHAUSTED answer once it has sent its request — not a reset connection while it is
+/// still sending — and the connection serves the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_grpc_web_request_is_answered_not_reset() {
+    use tokio::io::AsyncWriteExt as _;
+    let harness = start().await;
+    let mut socket = tokio::net::TcpStream::connect(harness.gateway).await.unwrap();
+    let call = |message: &GetExecutionRequest| {
+        use prost::Message as _;
+        let encoded = message.encode_to_vec();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        body.extend_from_slice(&encoded);
+        let head = format!(
+            "POST /csp.executor.v1.ExecutorService/GetExecution HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\n\r\n",
+            harness.token,
+            body.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&body);
+        request
+    };
+    // 4 MB: far more than the socket buffers hold, so the client is still sending when the
+    // gateway has decided.
+    let big = call(&GetExecutionRequest { execution_id: "x".repeat(4 * 1024 * 1024) });
+    for chunk in big.chunks(64 * 1024) {
+        socket.write_all(chunk).await.expect("the gateway reset the connection while the request was sent");
+    }
+    let first = read_response(&mut socket).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.contains("grpc-status: 8") || first.contains("grpc-status:8"), "{first}");
+
+    // The same connection serves the next call.
+    socket.write_all(&call(&GetExecutionRequest { execution_id: "e-9".into() })).await.unwrap();
+    let second = read_response(&mut socket).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(second.contains("e-9"), "{second}");
+}
+
+/// Reads one HTTP/1.1 response (headers and a chunked or empty grpc-web body) as text.
+async fn read_response(socket: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n =
+            tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "the connection closed: {}", String::from_utf8_lossy(&buffer));
+        buffer.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buffer).to_string();
+        if text.contains("\r\n\r\n")
+            && text.contains("grpc-status")
+            && (text.ends_with("\r\n0\r\n\r\n") || text.contains("content-length: 0"))
+        {
+            return text;
+        }
+    }
+}
