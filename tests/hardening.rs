@@ -238,7 +238,43 @@ async fn a_design_with_errors_does_not_start_unless_asked(env: TestEnv) {
     assert_eq!(last.last(), Some(&(pb::ExecutionStatus::Succeeded as i32)), "ran anyway");
 }
 
+/// A design is never transferred to an account that does not exist (it would be nobody's):
+/// the design service asks the auth service, and a real user still gets it.
+async fn a_design_goes_only_to_a_user_who_exists(env: TestEnv) {
+    use csp_proto::design::v1 as dpb;
+    use tonic_types::StatusExt as _;
+    let vars = env_vars(&env);
+    create_admin(&env, &vars);
+    let csp = Running::start(env.dir(), &vars, &["serve"]);
+    let token = new_designer(csp.gateway).await;
+    let admin = common::login(csp.gateway, "admin", common::ADMIN_PASSWORD).await.unwrap().user.unwrap();
+    let design = design_of(csp.gateway, &token, &[("input", "source.input", json!({}))]).await;
+    let mut designs = dpb::design_service_client::DesignServiceClient::new(channel(csp.gateway).await);
+    let nobody = uuid::Uuid::now_v7().to_string();
+    for (who, revision) in [(nobody.as_str(), 2), ("not a user id", 2)] {
+        let request = dpb::TransferOwnershipRequest {
+            design_id: design.clone(),
+            expected_revision: revision,
+            new_owner_id: who.into(),
+        };
+        let status = designs.transfer_ownership(authed(request, &token)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{who}: {}", status.message());
+        let fields: Vec<String> =
+            status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["new_owner_id"]);
+    }
+    let request = dpb::TransferOwnershipRequest {
+        design_id: design,
+        expected_revision: 2,
+        new_owner_id: admin.id.clone(),
+    };
+    let moved =
+        designs.transfer_ownership(authed(request, &token)).await.unwrap().into_inner().design.unwrap();
+    assert_eq!(moved.owner_id, admin.id);
+}
+
 csp_testkit::backend_tests!(
+    a_design_goes_only_to_a_user_who_exists,
     a_design_with_errors_does_not_start_unless_asked,
     oversized_input_is_not_echoed_and_harms_no_other_caller,
     resuming_a_watch_after_the_final_event_closes_at_once,

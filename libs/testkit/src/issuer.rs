@@ -1,8 +1,13 @@
 //! A stand-in for the auth service's key publication, for tests of other services: it serves
 //! `GetPublicKeys` with a test key and mints access tokens for any user and roles, so tests can
-//! exercise real token verification without the auth service.
+//! exercise real token verification without the auth service. `LookupUsers` knows the users it
+//! minted tokens for (and those [`TestIssuer::add_user`] names).
 
-use std::net::SocketAddr;
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use csp_platform::{
@@ -10,7 +15,8 @@ use csp_platform::{
     auth::{Claims, Role, TOKEN_AUDIENCE, TOKEN_ISSUER, now_millis},
 };
 use csp_proto::auth::v1::{
-    GetPublicKeysRequest, GetPublicKeysResponse, PublicKey,
+    GetPublicKeysRequest, GetPublicKeysResponse, LookupUsersRequest, LookupUsersResponse, PublicKey,
+    UserCard,
     auth_service_server::{AuthService, AuthServiceServer},
 };
 use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey as _};
@@ -24,9 +30,10 @@ pub struct TestIssuer {
     signing: SigningKey,
     addr: SocketAddr,
     stop: CancellationToken,
+    users: Arc<Mutex<BTreeSet<String>>>,
 }
 
-struct Keys(String);
+struct Keys(String, Arc<Mutex<BTreeSet<String>>>);
 
 #[tonic::async_trait]
 impl AuthService for Keys {
@@ -43,6 +50,24 @@ impl AuthService for Keys {
         };
         Ok(tonic::Response::new(GetPublicKeysResponse { keys: vec![key], max_age_seconds: 300 }))
     }
+
+    async fn lookup_users(
+        &self,
+        request: tonic::Request<LookupUsersRequest>,
+    ) -> Result<tonic::Response<LookupUsersResponse>, tonic::Status> {
+        if request.metadata().get("authorization").is_none() {
+            return Err(tonic::Status::unauthenticated("sign in first"));
+        }
+        let known = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let users = request
+            .into_inner()
+            .user_ids
+            .into_iter()
+            .filter(|id| known.contains(id))
+            .map(|id| UserCard { username: id.clone(), display_name: id.clone(), id })
+            .collect();
+        Ok(tonic::Response::new(LookupUsersResponse { users }))
+    }
 }
 
 impl TestIssuer {
@@ -56,14 +81,21 @@ impl TestIssuer {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
+        let users = Arc::new(Mutex::new(BTreeSet::new()));
+        let known = users.clone();
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(AuthServiceServer::new(Keys(x)))
+                .add_service(AuthServiceServer::new(Keys(x, known)))
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
         });
-        TestIssuer { signing, addr, stop }
+        TestIssuer { signing, addr, stop, users }
+    }
+
+    /// Makes `LookupUsers` know `user_id` (a user who has not signed in yet).
+    pub fn add_user(&self, user_id: &str) {
+        self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(user_id.to_owned());
     }
 
     /// Points `settings` at this issuer as the auth service.
@@ -73,6 +105,7 @@ impl TestIssuer {
 
     /// An access token for `user_id` with `roles`, valid for ten minutes.
     pub fn token(&self, user_id: &str, roles: &[Role]) -> String {
+        self.add_user(user_id);
         let now = now_millis();
         let claims = Claims {
             iss: TOKEN_ISSUER.into(),

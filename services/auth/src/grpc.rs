@@ -263,6 +263,21 @@ impl AuthService for AuthApi {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn lookup_users(
+        &self,
+        request: Request<pb::LookupUsersRequest>,
+    ) -> Result<Response<pb::LookupUsersResponse>, Status> {
+        let caller = caller(&request);
+        let users = self.auth.lookup_users(&request.into_inner().user_ids, &caller).await?;
+        Ok(Response::new(pb::LookupUsersResponse {
+            users: users
+                .into_iter()
+                .map(|u| pb::UserCard { id: u.id, username: u.username, display_name: u.display_name })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn list_users(
         &self,
         request: Request<pb::ListUsersRequest>,

@@ -14,6 +14,14 @@ pub(crate) async fn user_by_id(db: &impl ConnectionTrait, id: &str) -> Result<Op
     user::Entity::find_by_id(id.to_owned()).one(db).await
 }
 
+/// The users of these ids.
+pub(crate) async fn users_by_ids(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+) -> Result<Vec<user::Model>, DbErr> {
+    user::Entity::find().filter(user::Column::Id.is_in(ids.iter().cloned())).all(db).await
+}
+
 /// The user whose username or email has this key.
 pub(crate) async fn user_by_login(
     db: &impl ConnectionTrait,

@@ -126,6 +126,7 @@ pub(crate) struct Designs {
     bus: SharedBus,
     pub(crate) limits: DesignSettings,
     pub(crate) registry: RegistryClient,
+    users: crate::users::Users,
 }
 
 /// The current time at the database's precision (microseconds), so a listing's cursor built
@@ -189,8 +190,9 @@ impl Designs {
         bus: SharedBus,
         limits: DesignSettings,
         registry: RegistryClient,
+        users: crate::users::Users,
     ) -> Self {
-        Self { db, bus, limits, registry }
+        Self { db, bus, limits, registry, users }
     }
 
     pub(crate) fn rules(&self) -> Rules<'_> {
@@ -813,6 +815,7 @@ impl Designs {
     pub(crate) async fn transfer(
         &self,
         p: &Principal,
+        credentials: &Credentials,
         id: &str,
         expected: i64,
         new_owner: &str,
@@ -822,6 +825,10 @@ impl Designs {
         let previous = pending.row.owner_id.clone();
         if previous == new_owner {
             return Err(Error::field("new_owner_id", "already owns the design"));
+        }
+        // Never to an account that does not exist (the design would be nobody's).
+        if !self.users.exists(credentials, new_owner).await? {
+            return Err(Error::field("new_owner_id", "names no active user"));
         }
         repo::set_owner(&pending.txn, id, new_owner).await?;
         repo::delete_share(&pending.txn, id, new_owner).await?;

@@ -589,8 +589,12 @@ impl DesignService for DesignApi {
         request: Request<pb::TransferOwnershipRequest>,
     ) -> Result<Response<pb::TransferOwnershipResponse>, Status> {
         let p = require(&request, Permission::DesignWrite)?;
+        let credentials = credentials(&request);
         let r = request.into_inner();
-        let committed = self.designs.transfer(&p, &r.design_id, r.expected_revision, &r.new_owner_id).await?;
+        let committed = self
+            .designs
+            .transfer(&p, &credentials, &r.design_id, r.expected_revision, &r.new_owner_id)
+            .await?;
         Ok(Response::new(pb::TransferOwnershipResponse { design: Some(design_to_pb(&committed.design)) }))
     }
 

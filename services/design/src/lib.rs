@@ -37,6 +37,7 @@ pub mod migration;
 pub mod model;
 mod repo;
 mod undo;
+mod users;
 mod validate;
 
 pub use designs::stream;
@@ -79,8 +80,9 @@ impl Application {
     ) -> Result<Self, Error> {
         let db = csp_store::open::<migration::Migrator>(settings, SERVICE).await?;
         let registry = validate::RegistryClient::new(settings)?;
+        let users = users::Users::new(settings)?;
         let designs =
-            designs::Designs::new(db.conn().clone(), bus.clone(), settings.design.clone(), registry);
+            designs::Designs::new(db.conn().clone(), bus.clone(), settings.design.clone(), registry, users);
         let api = DesignServiceServer::new(grpc::DesignApi::new(std::sync::Arc::new(designs)))
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);

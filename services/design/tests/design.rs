@@ -1031,8 +1031,16 @@ async fn designs_are_shared_copied_and_listed(env: TestEnv) {
     let status = h.client.clone().list_designs(authed(request, &bob)).await.unwrap_err();
     assert_eq!(violations(&status)[0].0, "page_token");
 
-    // Transfer: bob owns it, alice keeps editing but can no longer delete it.
+    // Transfer: never to an account that does not exist...
     let design = h.create(&alice, "Handover").await;
+    let request = pb::TransferOwnershipRequest {
+        design_id: design.id.clone(),
+        expected_revision: 1,
+        new_owner_id: "nobody-at-all".into(),
+    };
+    let status = h.client.clone().transfer_ownership(authed(request, &alice)).await.unwrap_err();
+    assert_eq!(violations(&status), [("new_owner_id".to_owned(), "names no active user".to_owned())]);
+    // ... to bob: he owns it, alice keeps editing but can no longer delete it.
     let request = pb::TransferOwnershipRequest {
         design_id: design.id.clone(),
         expected_revision: 1,
