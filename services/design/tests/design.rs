@@ -326,6 +326,8 @@ async fn hostile_imports_are_refused(env: TestEnv) {
 /// admins, and a viewer-role user shared as editor.
 async fn authorization_matrix(env: TestEnv) {
     let h = start(&env, |_| {}).await;
+    // The user designs are transferred to (the auth service knows them).
+    h.issuer.add_user("zed");
     let owner = h.designer("owner");
     let users: Vec<(&str, Option<String>)> = vec![
         ("anonymous", None),
