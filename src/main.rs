@@ -103,9 +103,10 @@ fn parse_target(value: &str) -> Result<Target, String> {
     }
 }
 
-/// See the workspace's Cargo.toml: messages cross worker threads.
+/// See the workspace's Cargo.toml: messages cross worker threads. Counted per thread, so jq runs
+/// are bounded by the memory they hold.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: csp_alloc::Counting<mimalloc::MiMalloc> = csp_alloc::Counting(mimalloc::MiMalloc);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -42,7 +42,7 @@ const WORKLOADS: &[&str] =
 
 /// See the workspace's Cargo.toml: messages cross worker threads.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: csp_alloc::Counting<mimalloc::MiMalloc> = csp_alloc::Counting(mimalloc::MiMalloc);
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -328,3 +328,8 @@ mod tests {
         assert!(is_reserved("transform.shiny"), "built-in namespaces are reserved");
     }
 }
+
+/// The unit tests count allocations as the `csp` binary does, so jq's memory bound is tested.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: csp_alloc::Counting<std::alloc::System> = csp_alloc::Counting(std::alloc::System);

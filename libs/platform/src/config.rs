@@ -749,6 +749,29 @@ pub struct ExecutorSettings {
     /// one, the starter's own access token is used, and an execution that outlives it (or is
     /// taken over by another replica) cannot call the AI service.
     pub ai_api_key: Option<SecretString>,
+    /// What one jq expression may spend on one message before the node's error policy
+    /// takes over.
+    pub jq: JqSettings,
+}
+
+/// Bounds of one run of a jq expression (`transform.map`, `transform.filter`,
+/// `transform.reduce`, `control.switch`, `metrics.counter`) on one message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JqSettings {
+    /// Wall-clock time (a node's `timeout_ms` shortens it, never lengthens it).
+    #[serde(with = "humantime_serde")]
+    pub max_time: Duration,
+    /// Memory held at once, in bytes.
+    pub max_memory_bytes: usize,
+    /// Results.
+    pub max_outputs: usize,
+}
+
+impl Default for JqSettings {
+    fn default() -> Self {
+        Self { max_time: Duration::from_secs(1), max_memory_bytes: 256 << 20, max_outputs: 100_000 }
+    }
 }
 
 impl Default for ExecutorSettings {
@@ -763,6 +786,7 @@ impl Default for ExecutorSettings {
             max_recorded_messages: 100_000,
             threads: 0,
             ai_api_key: None,
+            jq: JqSettings::default(),
         }
     }
 }

@@ -272,6 +272,12 @@ impl StoredOptions {
             record_messages: self.record_messages,
             max_recorded_messages: settings.max_recorded_messages,
             trace_messages: self.trace_messages,
+            jq: csp_components::jq::Limits {
+                time: settings.jq.max_time,
+                memory: settings.jq.max_memory_bytes,
+                outputs: settings.jq.max_outputs,
+                ..Default::default()
+            },
             ..Options::default()
         }
     }

@@ -15,6 +15,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Allocations counted per thread as in the `csp` binary, so jq's memory bound holds here too.
+#[global_allocator]
+static ALLOCATOR: csp_alloc::Counting<std::alloc::System> = csp_alloc::Counting(std::alloc::System);
+
 fn plan(nodes: &[(&str, &str, Value)], connections: &[(&str, &str, &str, &str)]) -> Plan {
     Plan {
         nodes: nodes
@@ -443,6 +447,85 @@ async fn cancellation_stops_everything_promptly() {
         ran.outcome.nodes
     );
     assert!(!ran.output("out").is_empty(), "it ran a while");
+}
+
+/// `map` with a jq expression between an input and two outputs (its results and its errors).
+fn runaway_map(expression: &str, messages: Vec<Value>, on_error: OnError) -> (Plan, Options) {
+    let p = plan(
+        &[
+            ("in", "source.input", json!({})),
+            ("map", "transform.map", json!({ "expression": expression })),
+            ("out", "sink.output", json!({})),
+            ("errors", "sink.output", json!({})),
+        ],
+        &[("in", "out", "map", "in"), ("map", "out", "out", "in"), ("map", "error", "errors", "in")],
+    );
+    let mut options = Options::default();
+    options.inputs.insert("in".into(), messages);
+    options.policies.insert("map".into(), Policy { on_error, ..Policy::default() });
+    options.jq.time = Duration::from_millis(300);
+    options.jq.outputs = 1_000;
+    options.jq.memory = 16 << 20;
+    (p, options)
+}
+
+#[tokio::test]
+async fn runaway_expressions_end_as_the_error_policy_says() {
+    // Endless work on one message (time) and endless results (outputs), routed: the other
+    // messages go through.
+    for (expression, said) in [
+        ("last(range(1e18))", "ran longer than 300 ms"),
+        ("range(1e18)", "more than 1000 results"),
+        (r#"def f: (. + .) | f; "x" | f"#, "held more than 16 MiB"),
+    ] {
+        let (p, options) = runaway_map(
+            &format!("if .n == 2 then {expression} else .n end"),
+            vec![json!({ "n": 1 }), json!({ "n": 2 }), json!({ "n": 3 })],
+            OnError::Route,
+        );
+        let ran = run(&p, options).await;
+        assert_eq!(ran.outcome.ending, Ending::Succeeded, "{expression}: {:?}", ran.outcome.error);
+        assert_eq!(ran.output("out"), [json!(1), json!(3)], "{expression}");
+        let routed = ran.output("errors");
+        assert_eq!(routed.len(), 1, "{expression}");
+        assert_eq!(routed[0]["message"], json!({ "n": 2 }));
+        assert!(routed[0]["error"].as_str().unwrap().contains(said), "{expression}: {}", routed[0]["error"]);
+    }
+    // Under `fail`, the execution fails naming the node and the bound.
+    let (p, options) = runaway_map("def f: f; f", vec![json!(1)], OnError::Fail);
+    let ran = run(&p, options).await;
+    assert_eq!(ran.outcome.ending, Ending::Failed);
+    let error = ran.outcome.error.unwrap();
+    assert_eq!(error.node_id, "map");
+    assert!(error.message.contains("ran longer than 300 ms"), "{}", error.message);
+    // A node's timeout shortens the bound.
+    let (p, mut options) = runaway_map("last(range(1e18))", vec![json!(1)], OnError::Fail);
+    options.policies.get_mut("map").unwrap().timeout = Some(Duration::from_millis(50));
+    let ran = run(&p, options).await;
+    assert!(ran.outcome.error.unwrap().message.contains("ran longer than 50 ms"));
+}
+
+#[tokio::test]
+async fn a_cancel_stops_an_expression_that_is_still_running() {
+    // One shard, so the runaway expression holds the thread the supervisor runs on as well.
+    let shards = csp_executor::runtime::Shards::start(1).unwrap();
+    let (p, mut options) = runaway_map("last(range(1e18))", vec![json!(1)], OnError::Fail);
+    options.jq.time = Duration::from_secs(600);
+    options.shards = Some(shards.clone());
+    let started = std::time::Instant::now();
+    let ran = run_with(&p, options, &[], |_, cancel, _| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel();
+        Vec::new()
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(ran.outcome.ending, Ending::Cancelled);
+    // The shard is free again for the next execution.
+    let (p, mut options) = runaway_map(".n", vec![json!({ "n": 7 })], OnError::Fail);
+    options.shards = Some(shards);
+    let ran = run(&p, options).await;
+    assert_eq!(ran.output("out"), [json!(7)]);
 }
 
 #[tokio::test]

@@ -220,6 +220,9 @@ pub struct Options {
     pub batch: usize,
     /// Where the processes run; `None`: [`Shards::global`].
     pub shards: Option<Arc<Shards>>,
+    /// What a jq expression may spend on one message (the time is the node's `timeout_ms`
+    /// instead when that is shorter).
+    pub jq: csp_components::jq::Limits,
 }
 
 impl Default for Options {
@@ -236,6 +239,7 @@ impl Default for Options {
             replay: HashMap::new(),
             batch: 32,
             shards: None,
+            jq: csp_components::jq::Limits::default(),
         }
     }
 }
@@ -323,6 +327,8 @@ pub struct Network {
     collected: Vec<(String, Arc<components::Collected>)>,
     shared: Arc<Shared>,
     timeout: Duration,
+    /// Fired when the network must stop, and seen by work that does not yield (jq runs).
+    stop: CancellationToken,
 }
 
 /// Resolved ports of a node: `(inputs, outputs)`.
@@ -466,6 +472,11 @@ impl Network {
         let connection_index: HashMap<&str, usize> =
             plan.connections.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
 
+        let stop = CancellationToken::new();
+        let stop_check: csp_components::jq::StopCheck = {
+            let stop = stop.clone();
+            Arc::new(move || stop.is_cancelled())
+        };
         let mut drivers = Vec::new();
         let mut waits = Vec::new();
         let mut all_stats = Vec::new();
@@ -519,7 +530,17 @@ impl Network {
                     &output_names,
                 )))
             } else {
+                let jq_time = options
+                    .policies
+                    .get(&node.id)
+                    .unwrap_or(&options.default_policy)
+                    .timeout
+                    .map_or(options.jq.time, |t| t.min(options.jq.time));
                 let cx = components::Context {
+                    jq: components::JqBounds {
+                        limits: csp_components::jq::Limits { time: jq_time, ..options.jq },
+                        stop: stop_check.clone(),
+                    },
                     node_id: &node.id,
                     inputs: &input_names,
                     outputs: &output_names,
@@ -588,6 +609,7 @@ impl Network {
             collected,
             shared,
             timeout: options.timeout,
+            stop,
         })
     }
 
@@ -618,14 +640,24 @@ impl Network {
     /// shard, so the only hand-offs between threads are the start, the events and the end.
     pub async fn run(self, cancel: CancellationToken) -> Outcome {
         let shard = self.shards.pick().clone();
-        // Dropping this future stops the network, as it would if it ran here.
-        let stop = cancel.child_token();
+        // Dropping this future stops the network, as it would if it ran here. The stop is
+        // passed on from here, not from the shard: work that does not yield (a jq run) holds
+        // the shard's thread until it sees the stop itself.
+        let stop = self.stop.clone();
         let _stop_when_dropped = stop.clone().drop_guard();
         // Shared, not copied: for the outcome of a crash only.
         let (shared, types) = (self.shared.clone(), self.types.clone());
         // The network's spans (one per node) are children of the caller's (the execution's).
         let span = tracing::Span::current();
-        match shard.clone().spawn(self.supervise(stop, shard).instrument(span)).await {
+        let mut supervisor = shard.clone().spawn(self.supervise(stop.clone(), shard).instrument(span));
+        let joined = tokio::select! {
+            joined = &mut supervisor => joined,
+            () = cancel.cancelled() => {
+                stop.cancel();
+                supervisor.await
+            }
+        };
+        match joined {
             Ok(outcome) => outcome,
             Err(crashed) => {
                 tracing::error!(error = %crashed, "the execution's supervisor crashed");
@@ -656,7 +688,8 @@ impl Network {
     }
 
     async fn supervise(self, cancel: CancellationToken, shard: tokio::runtime::Handle) -> Outcome {
-        let Network { drivers, shards: _, graph, tracker, types, stats, collected, shared, timeout } = self;
+        let Network { drivers, shards: _, graph, tracker, types, stats, collected, shared, timeout, stop: _ } =
+            self;
         let n = types.len();
         let mut status = vec![pb::NodeStatus::Pending; n];
         let mut errors = vec![String::new(); n];

@@ -336,6 +336,11 @@ fn run_builtin(type_id: &str, config: &Value, input: Value) -> Result<Vec<Value>
     let inputs: Vec<String> = inputs.into_iter().map(|p| p.name).collect();
     let outputs: Vec<String> = outputs.into_iter().map(|p| p.name).collect();
     let cx = super::Context {
+        // A tool call is one message, run in place within the default bounds.
+        jq: super::JqBounds {
+            limits: csp_components::jq::Limits::default(),
+            stop: std::sync::Arc::new(|| false),
+        },
         node_id: type_id,
         inputs: &inputs,
         outputs: &outputs,

@@ -30,7 +30,8 @@ impl Switch {
             .map(|(i, case)| {
                 let port = cx.output(text(case, "port").unwrap_or_default())?;
                 let code = text(case, "expression").unwrap_or_default();
-                let filter = jq::compile(code).map_err(|e| format!("`cases[{i}].expression`: {e}"))?;
+                let filter =
+                    cx.jq.bounded(jq::compile(code).map_err(|e| format!("`cases[{i}].expression`: {e}"))?);
                 Ok((port, filter))
             })
             .collect::<Result<Vec<_>, String>>()?;

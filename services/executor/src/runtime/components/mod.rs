@@ -130,8 +130,18 @@ pub(crate) enum Kind {
     Join(Join),
 }
 
+/// What a jq expression of a node may spend on one message, and how it learns that the
+/// network is stopping.
+#[derive(Clone)]
+pub(crate) struct JqBounds {
+    pub(crate) limits: csp_components::jq::Limits,
+    pub(crate) stop: csp_components::jq::StopCheck,
+}
+
 /// What a component needs from its surroundings.
 pub(crate) struct Context<'a> {
+    /// Bounds of the node's jq expressions.
+    pub(crate) jq: JqBounds,
     pub(crate) node_id: &'a str,
     /// Resolved port names.
     pub(crate) inputs: &'a [String],
@@ -154,9 +164,17 @@ fn text<'a>(config: &'a Value, key: &str) -> Option<&'a str> {
     config.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-fn jq(config: &Value, key: &str) -> Result<csp_components::jq::Filter, String> {
+fn jq(config: &Value, key: &str, bounds: &JqBounds) -> Result<csp_components::jq::Filter, String> {
     let code = text(config, key).ok_or_else(|| format!("`{key}` is required"))?;
-    csp_components::jq::compile(code).map_err(|e| format!("`{key}` is not a valid jq expression: {e}"))
+    let filter = csp_components::jq::compile(code)
+        .map_err(|e| format!("`{key}` is not a valid jq expression: {e}"))?;
+    Ok(bounds.bounded(filter))
+}
+
+impl JqBounds {
+    pub(crate) fn bounded(&self, filter: csp_components::jq::Filter) -> csp_components::jq::Filter {
+        filter.bounded(self.limits, Some(self.stop.clone()))
+    }
 }
 
 /// The component for a built-in type with a valid (effective) configuration.
@@ -168,15 +186,17 @@ pub(crate) fn instantiate(type_id: &str, config: &Value, cx: Context<'_>) -> Res
         "sink.output" => Kind::Transform(Box::new(sinks::Output::new(cx.node_id, cx.collected))),
         "sink.log" => Kind::Transform(Box::new(sinks::Log::new(cx.node_id, config))),
         "transform.set" => Kind::Transform(Box::new(transforms::Set::new(config, cx.output("out")?)?)),
-        "transform.map" => {
-            Kind::Transform(Box::new(transforms::Map::new(jq(config, "expression")?, cx.output("out")?)))
-        }
-        "transform.filter" => {
-            Kind::Transform(Box::new(transforms::Filter::new(jq(config, "expression")?, cx.output("out")?)))
-        }
+        "transform.map" => Kind::Transform(Box::new(transforms::Map::new(
+            jq(config, "expression", &cx.jq)?,
+            cx.output("out")?,
+        ))),
+        "transform.filter" => Kind::Transform(Box::new(transforms::Filter::new(
+            jq(config, "expression", &cx.jq)?,
+            cx.output("out")?,
+        ))),
         "transform.reduce" => Kind::Transform(Box::new(transforms::Reduce::new(
             config,
-            jq(config, "expression")?,
+            jq(config, "expression", &cx.jq)?,
             cx.output("out")?,
         ))),
         "transform.template" => {

@@ -126,7 +126,7 @@ pub(crate) struct Counter {
 impl Counter {
     pub(crate) fn new(config: &Value, cx: &Context<'_>) -> Result<Self, String> {
         let group_by = match text(config, "group_by") {
-            Some(code) => Some(jq::compile(code).map_err(|e| format!("`group_by`: {e}"))?),
+            Some(code) => Some(cx.jq.bounded(jq::compile(code).map_err(|e| format!("`group_by`: {e}"))?)),
             None => None,
         };
         Ok(Self {
