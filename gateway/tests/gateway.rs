@@ -50,6 +50,8 @@ fn header(request_metadata: &tonic::metadata::MetadataMap, name: &str) -> String
 
 #[tonic::async_trait]
 impl ExecutorService for TestExecutor {
+    type WatchExecutionStream = WatchStream;
+
     /// Echoes the id and reports the trace context and deadline it received.
     async fn get_execution(
         &self,
@@ -74,7 +76,7 @@ impl ExecutorService for TestExecutor {
     async fn watch_execution(
         &self,
         request: Request<WatchExecutionRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
         self.0.calls.fetch_add(1, Ordering::SeqCst);
         let deadline = header(request.metadata(), "grpc-timeout");
         let seen = self.0.clone();
@@ -95,6 +97,16 @@ impl ExecutorService for TestExecutor {
             let _ = tx.send(event("3", "")).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    csp_proto::unimplemented_rpcs! {
+        start_execution(csp_proto::executor::v1::StartExecutionRequest) -> csp_proto::executor::v1::StartExecutionResponse;
+        list_executions(csp_proto::executor::v1::ListExecutionsRequest) -> csp_proto::executor::v1::ListExecutionsResponse;
+        cancel_execution(csp_proto::executor::v1::CancelExecutionRequest) -> csp_proto::executor::v1::CancelExecutionResponse;
+        resume_execution(csp_proto::executor::v1::ResumeExecutionRequest) -> csp_proto::executor::v1::ResumeExecutionResponse;
+        step_execution(csp_proto::executor::v1::StepExecutionRequest) -> csp_proto::executor::v1::StepExecutionResponse;
+        retry_execution(csp_proto::executor::v1::RetryExecutionRequest) -> csp_proto::executor::v1::RetryExecutionResponse;
+        list_dead_letters(csp_proto::executor::v1::ListDeadLettersRequest) -> csp_proto::executor::v1::ListDeadLettersResponse;
     }
 }
 

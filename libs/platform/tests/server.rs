@@ -41,6 +41,23 @@ impl AuthService for Slow {
             permissions: vec![],
         }))
     }
+
+    csp_proto::unimplemented_rpcs! {
+        register(csp_proto::auth::v1::RegisterRequest) -> csp_proto::auth::v1::RegisterResponse;
+        login(csp_proto::auth::v1::LoginRequest) -> csp_proto::auth::v1::LoginResponse;
+        refresh(csp_proto::auth::v1::RefreshRequest) -> csp_proto::auth::v1::RefreshResponse;
+        logout(csp_proto::auth::v1::LogoutRequest) -> csp_proto::auth::v1::LogoutResponse;
+        change_password(csp_proto::auth::v1::ChangePasswordRequest) -> csp_proto::auth::v1::ChangePasswordResponse;
+        get_public_keys(csp_proto::auth::v1::GetPublicKeysRequest) -> csp_proto::auth::v1::GetPublicKeysResponse;
+        create_user(csp_proto::auth::v1::CreateUserRequest) -> csp_proto::auth::v1::CreateUserResponse;
+        list_users(csp_proto::auth::v1::ListUsersRequest) -> csp_proto::auth::v1::ListUsersResponse;
+        lookup_users(csp_proto::auth::v1::LookupUsersRequest) -> csp_proto::auth::v1::LookupUsersResponse;
+        update_user_roles(csp_proto::auth::v1::UpdateUserRolesRequest) -> csp_proto::auth::v1::UpdateUserRolesResponse;
+        disable_user(csp_proto::auth::v1::DisableUserRequest) -> csp_proto::auth::v1::DisableUserResponse;
+        create_api_key(csp_proto::auth::v1::CreateApiKeyRequest) -> csp_proto::auth::v1::CreateApiKeyResponse;
+        revoke_api_key(csp_proto::auth::v1::RevokeApiKeyRequest) -> csp_proto::auth::v1::RevokeApiKeyResponse;
+        list_audit_events(csp_proto::auth::v1::ListAuditEventsRequest) -> csp_proto::auth::v1::ListAuditEventsResponse;
+    }
 }
 
 struct Switch(Arc<AtomicBool>);

@@ -117,3 +117,43 @@ mod tests {
         );
     }
 }
+
+/// Methods of a generated server trait that answer UNIMPLEMENTED, for a server that does not
+/// serve them (yet) or a test stand-in that serves part of a service. Server traits have no
+/// default methods, so every RPC a server does not serve is named where it is implemented:
+///
+/// ```ignore
+/// #[tonic::async_trait]
+/// impl AuthService for Keys {
+///     async fn get_public_keys(/* ... */) { /* ... */ }
+///     csp_proto::unimplemented_rpcs! {
+///         login(LoginRequest) -> LoginResponse;
+///         logout(LogoutRequest) -> LogoutResponse;
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! unimplemented_rpcs {
+    ($($name:ident($request:ty) -> $response:ty;)*) => {
+        $(
+            fn $name<'life0: 'async_trait, 'async_trait>(
+                &'life0 self,
+                _request: ::tonic::Request<$request>,
+            ) -> ::std::pin::Pin<
+                ::std::boxed::Box<
+                    dyn ::std::future::Future<
+                            Output = ::std::result::Result<::tonic::Response<$response>, ::tonic::Status>,
+                        > + ::std::marker::Send
+                        + 'async_trait,
+                >,
+            > {
+                ::std::boxed::Box::pin(async {
+                    ::std::result::Result::Err(::tonic::Status::unimplemented(concat!(
+                        stringify!($name),
+                        " is not served here"
+                    )))
+                })
+            }
+        )*
+    };
+}

@@ -68,6 +68,22 @@ impl AuthService for Keys {
             .collect();
         Ok(tonic::Response::new(LookupUsersResponse { users }))
     }
+
+    csp_proto::unimplemented_rpcs! {
+        register(csp_proto::auth::v1::RegisterRequest) -> csp_proto::auth::v1::RegisterResponse;
+        login(csp_proto::auth::v1::LoginRequest) -> csp_proto::auth::v1::LoginResponse;
+        refresh(csp_proto::auth::v1::RefreshRequest) -> csp_proto::auth::v1::RefreshResponse;
+        logout(csp_proto::auth::v1::LogoutRequest) -> csp_proto::auth::v1::LogoutResponse;
+        me(csp_proto::auth::v1::MeRequest) -> csp_proto::auth::v1::MeResponse;
+        change_password(csp_proto::auth::v1::ChangePasswordRequest) -> csp_proto::auth::v1::ChangePasswordResponse;
+        create_user(csp_proto::auth::v1::CreateUserRequest) -> csp_proto::auth::v1::CreateUserResponse;
+        list_users(csp_proto::auth::v1::ListUsersRequest) -> csp_proto::auth::v1::ListUsersResponse;
+        update_user_roles(csp_proto::auth::v1::UpdateUserRolesRequest) -> csp_proto::auth::v1::UpdateUserRolesResponse;
+        disable_user(csp_proto::auth::v1::DisableUserRequest) -> csp_proto::auth::v1::DisableUserResponse;
+        create_api_key(csp_proto::auth::v1::CreateApiKeyRequest) -> csp_proto::auth::v1::CreateApiKeyResponse;
+        revoke_api_key(csp_proto::auth::v1::RevokeApiKeyRequest) -> csp_proto::auth::v1::RevokeApiKeyResponse;
+        list_audit_events(csp_proto::auth::v1::ListAuditEventsRequest) -> csp_proto::auth::v1::ListAuditEventsResponse;
+    }
 }
 
 impl TestIssuer {

@@ -103,6 +103,8 @@ fn page_size(requested: i32) -> Result<u64, Error> {
 
 #[tonic::async_trait]
 impl AiService for AiApi {
+    type ChatStreamStream = EventStream<pb::ChatStreamResponse>;
+
     #[tracing::instrument(skip_all)]
     async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<pb::ChatResponse>, Status> {
         let p = require(&request, Permission::AiUse)?;
@@ -123,7 +125,7 @@ impl AiService for AiApi {
     async fn chat_stream(
         &self,
         request: Request<pb::ChatStreamRequest>,
-    ) -> Result<Response<EventStream<pb::ChatStreamResponse>>, Status> {
+    ) -> Result<Response<Self::ChatStreamStream>, Status> {
         let p = require(&request, Permission::AiUse)?;
         let chat = request.get_ref().chat.clone().unwrap_or_default();
         let who = self

@@ -487,14 +487,15 @@ async fn malformed_answers_are_asked_again_once(env: TestEnv) {
     assert_eq!((failed.code(), reason(&failed).as_str()), (Code::FailedPrecondition, "MODEL_OUTPUT_INVALID"));
 }
 
-type ProcessStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<cpb::ProcessResponse, Status>> + Send>>;
+type Answers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<cpb::ProcessResponse, Status>> + Send>>;
 
 /// A tool served over gRPC (ComponentRuntime) doubles a number.
 struct Doubler;
 
 #[tonic::async_trait]
 impl ComponentRuntime for Doubler {
+    type ProcessStream = Answers;
+
     async fn describe(
         &self,
         _: tonic::Request<cpb::DescribeRequest>,
@@ -505,7 +506,7 @@ impl ComponentRuntime for Doubler {
     async fn process(
         &self,
         request: tonic::Request<tonic::Streaming<cpb::ProcessRequest>>,
-    ) -> Result<tonic::Response<ProcessStream>, Status> {
+    ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let mut out = Vec::new();
         while let Some(message) = inbound.message().await? {

@@ -67,11 +67,11 @@ impl CollabApi {
 
 #[tonic::async_trait]
 impl CollaborationService for CollabApi {
+    type JoinStream = EventStream<pb::JoinResponse>;
+    type SessionStream = EventStream<pb::SessionResponse>;
+
     #[tracing::instrument(skip_all)]
-    async fn join(
-        &self,
-        request: Request<pb::JoinRequest>,
-    ) -> Result<Response<EventStream<pb::JoinResponse>>, Status> {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<Self::JoinStream>, Status> {
         let p = require(&request, Permission::CollabJoin)?;
         let credentials = credentials(&request);
         let (_, events) = self.events(&p, &credentials, request.into_inner()).await?;
@@ -111,7 +111,7 @@ impl CollaborationService for CollabApi {
     async fn session(
         &self,
         request: Request<Streaming<pb::SessionRequest>>,
-    ) -> Result<Response<EventStream<pb::SessionResponse>>, Status> {
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let p = require(&request, Permission::CollabJoin)?;
         let credentials = credentials(&request);
         let mut inbound = request.into_inner();

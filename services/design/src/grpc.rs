@@ -634,4 +634,10 @@ impl DesignService for DesignApi {
             redone_revision: redone,
         }))
     }
+
+    // The model check and its exports are not built yet.
+    csp_proto::unimplemented_rpcs! {
+        check_deadlock(pb::CheckDeadlockRequest) -> pb::CheckDeadlockResponse;
+        export_cspm(pb::ExportCspmRequest) -> pb::ExportCspmResponse;
+    }
 }

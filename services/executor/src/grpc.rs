@@ -107,6 +107,9 @@ fn watched(id: &str, w: Watched) -> pb::WatchExecutionResponse {
 
 #[tonic::async_trait]
 impl ExecutorService for ExecutorApi {
+    type WatchExecutionStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchExecutionResponse, Status>> + Send>>;
+
     #[tracing::instrument(skip_all)]
     async fn start_execution(
         &self,
@@ -178,10 +181,7 @@ impl ExecutorService for ExecutorApi {
     async fn watch_execution(
         &self,
         request: Request<pb::WatchExecutionRequest>,
-    ) -> Result<
-        Response<Pin<Box<dyn Stream<Item = Result<pb::WatchExecutionResponse, Status>> + Send>>>,
-        Status,
-    > {
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
         require(&request, Permission::ExecutionsRead)?;
         let credentials = credentials(&request);
         let r = request.into_inner();

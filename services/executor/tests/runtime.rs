@@ -730,6 +730,8 @@ mod remote {
 
     #[tonic::async_trait]
     impl ComponentRuntime for Flaky {
+        type ProcessStream = Pin<Box<dyn Stream<Item = Result<cpb::ProcessResponse, Status>> + Send>>;
+
         async fn describe(
             &self,
             _: Request<cpb::DescribeRequest>,
@@ -740,8 +742,7 @@ mod remote {
         async fn process(
             &self,
             request: Request<Streaming<cpb::ProcessRequest>>,
-        ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<cpb::ProcessResponse, Status>> + Send>>>, Status>
-        {
+        ) -> Result<Response<Self::ProcessStream>, Status> {
             let mut input = request.into_inner();
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             let attempts = self.attempts.clone();

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use csp_platform::{auth::Role, server::bind};
 use csp_proto::{
     component::v1::{
-        DescribeRequest, DescribeResponse, PortSpec as RemotePort,
+        DescribeRequest, DescribeResponse, PortSpec as RemotePort, ProcessRequest, ProcessResponse,
         component_runtime_server::{ComponentRuntime, ComponentRuntimeServer},
     },
     json,
@@ -236,6 +236,16 @@ struct Sentiment;
 
 #[tonic::async_trait]
 impl ComponentRuntime for Sentiment {
+    type ProcessStream = futures::stream::Empty<Result<ProcessResponse, Status>>;
+
+    /// Only described: designs check connections against it, nothing runs it.
+    async fn process(
+        &self,
+        _request: tonic::Request<tonic::Streaming<ProcessRequest>>,
+    ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
+        Err(Status::unimplemented("process is not served here"))
+    }
+
     async fn describe(
         &self,
         _request: tonic::Request<DescribeRequest>,
