@@ -308,6 +308,48 @@ pub trait Counters: Send + Sync + 'static {
     /// Moves counters by signed amounts (settling reservations: the real amount minus the
     /// reserved one), never below zero. A counter created here lives for its `ttl`.
     async fn adjust(&self, changes: &[Adjust]) -> Result<()>;
+
+    /// Takes one token from the bucket `key`, which holds up to `rate.burst` tokens and gains
+    /// `rate.per_second` a second; an empty bucket says how long until its next token. Kept as
+    /// one time (the generic cell rate algorithm: when the bucket will next be full), so a
+    /// bucket costs one key that expires when full. Atomic across every process sharing the
+    /// bus, timed by one clock (Redis's on Redis).
+    async fn throttle(&self, key: &str, rate: Rate) -> Result<Throttled>;
+}
+
+/// A token bucket's size and refill, for [`Counters::throttle`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens gained per second (above zero).
+    pub per_second: f64,
+    /// Tokens held at most (at least one).
+    pub burst: u32,
+}
+
+impl Rate {
+    /// Milliseconds between two tokens, and the most a bucket can be behind (in ms).
+    fn gcra(self) -> (f64, f64) {
+        let interval = 1000.0 / self.per_second.max(1e-6);
+        (interval, interval * f64::from(self.burst.max(1)))
+    }
+}
+
+/// The outcome of [`Counters::throttle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttled {
+    /// A token was taken.
+    Allowed,
+    /// The bucket is empty; its next token comes after this long.
+    Wait(Duration),
+}
+
+/// The generic cell rate algorithm at `now` (ms) for a bucket whose theoretical arrival time
+/// is `tat` (ms; 0 when new): the new `tat` when a token is taken, else the wait in ms.
+pub(crate) fn gcra(rate: Rate, tat: f64, now: f64) -> std::result::Result<f64, f64> {
+    let (interval, tolerance) = rate.gcra();
+    let tat = tat.max(now);
+    let allow_at = tat + interval - tolerance;
+    if now >= allow_at { Ok(tat + interval) } else { Err(allow_at - now) }
 }
 
 /// A share of a limited counter, for [`Counters::reserve`].

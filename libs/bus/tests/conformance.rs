@@ -5,7 +5,10 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use csp_bus::{Adjust, Append, BusError, Claim, Event, EventId, GroupStart, NewEvent, Reserved, SharedBus};
+use csp_bus::{
+    Adjust, Append, BusError, Claim, Event, EventId, GroupStart, NewEvent, Rate, Reserved, SharedBus,
+    Throttled,
+};
 use csp_testkit::TestEnv;
 use futures::StreamExt as _;
 use tokio::time::timeout;
@@ -611,7 +614,41 @@ async fn reservations_never_pass_a_limit(env: TestEnv) {
     assert_eq!(bus.count("race").await.unwrap(), 98);
 }
 
+/// Token buckets: a burst, then one token per interval; racing takers never get more than
+/// the bucket holds; buckets are independent.
+async fn token_buckets_allow_a_burst_then_the_rate(env: TestEnv) {
+    let bus = env.bus();
+    let rate = Rate { per_second: 10.0, burst: 5 };
+    for i in 0..5 {
+        assert_eq!(bus.throttle("user:a", rate).await.unwrap(), Throttled::Allowed, "token {i} of the burst");
+    }
+    let Throttled::Wait(wait) = bus.throttle("user:a", rate).await.unwrap() else {
+        panic!("the bucket is empty after its burst");
+    };
+    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+    assert_eq!(bus.throttle("user:b", rate).await.unwrap(), Throttled::Allowed, "buckets are independent");
+    // After the wait, one token; not two.
+    tokio::time::sleep(wait + Duration::from_millis(5)).await;
+    assert_eq!(bus.throttle("user:a", rate).await.unwrap(), Throttled::Allowed);
+    assert!(matches!(bus.throttle("user:a", rate).await.unwrap(), Throttled::Wait(_)));
+
+    // 100 racers on a bucket of 20 at 1 a second: 20 get a token (21 if a second passes).
+    let rate = Rate { per_second: 1.0, burst: 20 };
+    let racers: Vec<_> = (0..100)
+        .map(|_| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.throttle("race", rate).await.unwrap() })
+        })
+        .collect();
+    let mut allowed = 0;
+    for racer in racers {
+        allowed += usize::from(racer.await.unwrap() == Throttled::Allowed);
+    }
+    assert!((20..=21).contains(&allowed), "{allowed}");
+}
+
 csp_testkit::backend_tests!(
+    token_buckets_allow_a_burst_then_the_rate,
     appends_of_a_holder_stop_when_it_loses_its_entry,
     a_released_entry_is_claimed_at_once,
     a_sealed_stream_refuses_guarded_appends,

@@ -5,14 +5,16 @@
 //! behalf would let them make the registry call arbitrary hosts.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock},
+    time::Duration,
 };
 
 use serde_json::{Map, Value};
 
-/// Compiled validators kept, by schema text.
-const CACHE_CAPACITY: usize = 1024;
+/// Compiled validators kept, by schema text: the most used, each until it has not been used
+/// for an hour.
+const CACHE_CAPACITY: u64 = 1024;
+const CACHE_IDLE: Duration = Duration::from_secs(3600);
 
 /// One way a value breaks its schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,22 +54,14 @@ pub fn check_schema(schema: &Value) -> Result<(), String> {
 
 /// The compiled validator of a schema (cached by schema text).
 pub fn compiled(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
-    static CACHE: Mutex<Option<HashMap<String, Arc<jsonschema::Validator>>>> = Mutex::new(None);
-    let key = schema.to_string();
-    let mut guard = match CACHE.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    let cache = guard.get_or_insert_with(HashMap::new);
-    if let Some(validator) = cache.get(&key) {
-        return Ok(validator.clone());
-    }
-    let validator = Arc::new(jsonschema::validator_for(schema).map_err(|e| e.to_string())?);
-    if cache.len() >= CACHE_CAPACITY {
-        cache.clear();
-    }
-    cache.insert(key, validator.clone());
-    Ok(validator)
+    static CACHE: LazyLock<moka::sync::Cache<String, Arc<jsonschema::Validator>>> = LazyLock::new(|| {
+        moka::sync::Cache::builder().max_capacity(CACHE_CAPACITY).time_to_idle(CACHE_IDLE).build()
+    });
+    CACHE
+        .try_get_with(schema.to_string(), || {
+            jsonschema::validator_for(schema).map(Arc::new).map_err(|e| e.to_string())
+        })
+        .map_err(|e| (*e).clone())
 }
 
 /// Validates `value` against `schema`; on success returns it with schema defaults filled in.
@@ -162,6 +156,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_schema_in_use_stays_compiled_when_many_others_pass_through() {
+        let busy = json!({ "type": "object", "properties": { "busy": { "type": "integer" } } });
+        let first = compiled(&busy).unwrap();
+        // Twice the cache's capacity of schemas used once each, the busy one used all along.
+        for i in 0..2 * CACHE_CAPACITY {
+            compiled(&json!({ "type": "object", "properties": { format!("p{i}"): { "type": "string" } } }))
+                .unwrap();
+            if i % 4 == 0 {
+                assert!(Arc::ptr_eq(&first, &compiled(&busy).unwrap()), "compiled again after {i} others");
+            }
+        }
+    }
 
     #[test]
     fn violations_point_at_the_offending_value() {

@@ -15,7 +15,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     str::FromStr,
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::{Arc, RwLock},
     task::{Context, Poll},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -41,8 +41,9 @@ pub const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 pub const REFETCH_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Tolerated clock skew when checking `exp` and `nbf`, in seconds.
 const LEEWAY_SECONDS: u64 = 5;
-/// Verified tokens kept in the cache.
-const CACHE_CAPACITY: usize = 50_000;
+/// Verified tokens kept in the cache (each until it expires; the least used go first when it
+/// is full).
+const CACHE_CAPACITY: u64 = 50_000;
 
 /// A named set of permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -395,14 +396,22 @@ struct VerifierInner {
     fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// User id → tokens issued before this millisecond are revoked.
     revoked: RwLock<HashMap<String, i64>>,
-    cache: Mutex<HashMap<String, Arc<Principal>>>,
+    cache: moka::sync::Cache<String, Arc<Principal>>,
     validation: Validation,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
+/// A verified token stays cached until it expires.
+struct UntilExpiry;
+
+impl moka::Expiry<String, Arc<Principal>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _token: &String,
+        principal: &Arc<Principal>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        let left = principal.expires_at.saturating_add(LEEWAY_SECONDS as i64).saturating_sub(now_seconds());
+        Some(Duration::from_secs(left.max(0) as u64))
     }
 }
 
@@ -435,7 +444,10 @@ impl Verifier {
                 keys: RwLock::new(HashMap::new()),
                 fetch: tokio::sync::Mutex::new(None),
                 revoked: RwLock::new(HashMap::new()),
-                cache: Mutex::new(HashMap::new()),
+                cache: moka::sync::Cache::builder()
+                    .max_capacity(CACHE_CAPACITY)
+                    .expire_after(UntilExpiry)
+                    .build(),
                 validation,
             }),
         }
@@ -444,10 +456,9 @@ impl Verifier {
     /// Verifies a token: signature, algorithm, key, issuer, audience, time window, revocation.
     pub async fn verify(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         let now = now_seconds();
-        let cached = lock(&self.inner.cache).get(token).cloned();
-        if let Some(principal) = cached {
+        if let Some(principal) = self.inner.cache.get(token) {
             if principal.expires_at + LEEWAY_SECONDS as i64 <= now {
-                lock(&self.inner.cache).remove(token);
+                self.inner.cache.invalidate(token);
                 return Err(AuthError::Expired);
             }
             self.check_revocation(&principal)?;
@@ -484,14 +495,7 @@ impl Verifier {
             })?;
         let principal = Arc::new(Principal::from_claims(data.claims));
         self.check_revocation(&principal)?;
-        let mut cache = lock(&self.inner.cache);
-        if cache.len() >= CACHE_CAPACITY {
-            cache.retain(|_, p| p.expires_at > now);
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
-            }
-        }
-        cache.insert(token.to_owned(), principal.clone());
+        self.inner.cache.insert(token.to_owned(), principal.clone());
         Ok(principal)
     }
 
@@ -706,12 +710,19 @@ pub fn require<T>(request: &tonic::Request<T>, permission: Permission) -> Result
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    };
 
     use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
     use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey as _};
 
     use super::*;
+
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
     /// Publishes whatever keys the test sets, counting fetches.
     struct Rotating {

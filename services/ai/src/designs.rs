@@ -2,11 +2,7 @@
 //! they attribute a request to, so nobody can spend another design's budget. Answers are
 //! remembered for a minute.
 
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use csp_platform::{Service, Settings, client::TracedChannel, config::ConfigError};
 use csp_proto::design::v1::{self as pb, design_service_client::DesignServiceClient};
@@ -23,13 +19,15 @@ pub(crate) type Credentials = Option<AsciiMetadataValue>;
 /// The design service.
 pub(crate) struct Designs {
     client: DesignServiceClient<TracedChannel>,
-    seen: Mutex<HashMap<(String, String), Instant>>,
+    /// (user, design) pairs allowed lately.
+    seen: moka::sync::Cache<(String, String), ()>,
 }
 
 impl Designs {
     pub(crate) fn new(settings: &Settings) -> Result<Self, ConfigError> {
         let client = DesignServiceClient::new(csp_platform::client::channel(settings, Service::Design)?);
-        Ok(Self { client, seen: Mutex::new(HashMap::new()) })
+        let seen = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(TTL).build();
+        Ok(Self { client, seen })
     }
 
     /// Whether the caller may see the design; NOT_FOUND when not.
@@ -40,11 +38,8 @@ impl Designs {
         id: &str,
     ) -> Result<(), Error> {
         let key = (user_id.to_owned(), id.to_owned());
-        {
-            let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if seen.get(&key).is_some_and(|at| at.elapsed() < TTL) {
-                return Ok(());
-            }
+        if self.seen.contains_key(&key) {
+            return Ok(());
         }
         let mut request = Request::new(pb::GetDesignRequest {
             design_id: id.to_owned(),
@@ -56,11 +51,7 @@ impl Designs {
         }
         match self.client.clone().get_design(request).await {
             Ok(_) => {
-                let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if seen.len() > 10_000 {
-                    seen.retain(|_, at| at.elapsed() < TTL);
-                }
-                seen.insert(key, Instant::now());
+                self.seen.insert(key, ());
                 Ok(())
             }
             Err(status) => Err(match status.code() {

@@ -1,11 +1,7 @@
 //! The services the executor calls: design (what to run, and who may), registry (where custom
 //! components run), AI (for `ai.*` nodes). Every call forwards the caller's credentials.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use secrecy::{ExposeSecret as _, SecretString};
 
@@ -56,14 +52,16 @@ const ACCESS_TTL: Duration = Duration::from_secs(10);
 /// The design service.
 pub(crate) struct Designs {
     client: DesignServiceClient<TracedChannel>,
-    access: Mutex<HashMap<(String, String), (Access, Instant)>>,
+    /// Access checks, trusted for [`ACCESS_TTL`].
+    access: moka::sync::Cache<(String, String), Access>,
 }
 
 impl Designs {
     pub(crate) fn new(settings: &Settings) -> Result<Self, ConfigError> {
         let client = DesignServiceClient::new(csp_platform::client::channel(settings, Service::Design)?)
             .max_decoding_message_size(settings.server.max_message_bytes);
-        Ok(Self { client, access: Mutex::new(HashMap::new()) })
+        let access = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(ACCESS_TTL).build();
+        Ok(Self { client, access })
     }
 
     /// A design at a revision (0: the current one), as the caller may see it.
@@ -148,18 +146,12 @@ impl Designs {
     fn remember(&self, credentials: &Credentials, id: &str, design: &design::Design) {
         let access =
             if design.access >= design::Access::Editor as i32 { Access::Editor } else { Access::Viewer };
-        let mut cache = self.access.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(Self::key(credentials, id), (access, Instant::now()));
+        self.access.insert(Self::key(credentials, id), access);
     }
 
     /// The caller's access to a design as last seen, if that was recent.
     pub(crate) fn known_access(&self, credentials: &Credentials, id: &str) -> Option<Access> {
-        let key = Self::key(credentials, id);
-        let cache = self.access.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.get(&key).filter(|(_, at)| at.elapsed() < ACCESS_TTL).map(|(access, _)| *access)
+        self.access.get(&Self::key(credentials, id))
     }
 
     /// The caller's access to a design; NOT_FOUND when they have none.

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::{
     Adjust, Append, Backlog, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart,
-    Holder, NewEvent, PendingSummary, Reserved, Result,
+    Holder, NewEvent, PendingSummary, Rate, Reserved, Result, Throttled,
 };
 
 /// Batch size of a tail's reads.
@@ -26,6 +26,8 @@ const TAIL_BATCH: usize = 256;
 pub struct MemoryBus {
     streams: Arc<Mutex<HashMap<String, StreamState>>>,
     counters: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    /// Token buckets: when each will next be full (ms since the Unix epoch, fractional).
+    buckets: Arc<Mutex<HashMap<String, f64>>>,
     /// Lease index per roster kind: `(roster, member)` → expiry (ms since the epoch). Locked
     /// after `streams` when both are needed.
     leases: Arc<Mutex<roster::Leases>>,
@@ -258,6 +260,23 @@ impl Counters for MemoryBus {
             entry.0 = entry.0.saturating_add_signed(change.delta);
         }
         Ok(())
+    }
+
+    async fn throttle(&self, key: &str, rate: Rate) -> Result<Throttled> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Full buckets go on the way in; the map stays as small as the buckets in use.
+        if buckets.len() > 1024 {
+            buckets.retain(|_, full_at| *full_at > now);
+        }
+        let tat = buckets.get(key).copied().unwrap_or(0.0);
+        match crate::gcra(rate, tat, now) {
+            Ok(tat) => {
+                buckets.insert(key.to_owned(), tat);
+                Ok(Throttled::Allowed)
+            }
+            Err(wait_ms) => Ok(Throttled::Wait(Duration::from_secs_f64(wait_ms / 1000.0))),
+        }
     }
 }
 

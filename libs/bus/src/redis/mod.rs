@@ -38,7 +38,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::{
     Adjust, Append, Backlog, BusError, Claim, Counters, Delivery, Event, EventBus, EventId, GroupStart,
-    Holder, NewEvent, PendingSummary, Reserved, Result,
+    Holder, NewEvent, PendingSummary, Rate, Reserved, Result, Throttled,
 };
 
 /// Payload field of an entry.
@@ -328,6 +328,46 @@ impl Counters for RedisBus {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn throttle(&self, key: &str, rate: Rate) -> Result<Throttled> {
+        let (interval, tolerance) = rate.gcra();
+        let args = vec![Value::from(format!("{interval:.6}")), Value::from(format!("{tolerance:.6}"))];
+        let wait_us: i64 = throttle_script()
+            .evalsha_with_reload(self.inner.pool.next(), vec![self.key(key)], args)
+            .await
+            .map_err(unavailable)?;
+        Ok(if wait_us < 0 {
+            Throttled::Allowed
+        } else {
+            Throttled::Wait(Duration::from_micros(wait_us as u64))
+        })
+    }
+}
+
+/// The generic cell rate algorithm (see [`crate::gcra`]) on Redis's clock: KEYS[1] holds when
+/// the bucket will next be full (ms), ARGV the interval between tokens and the tolerance
+/// (ms). Returns -1 when a token was taken, else the wait for the next one in microseconds.
+fn throttle_script() -> &'static fred::types::scripts::Script {
+    static SCRIPT: OnceLock<fred::types::scripts::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        fred::types::scripts::Script::from_lua(
+            r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local allow_at = tat + interval - tolerance
+if now >= allow_at then
+  local full_at = tat + interval
+  redis.call('SET', KEYS[1], string.format('%.3f', full_at), 'PX', math.max(1, math.ceil(full_at - now)))
+  return -1
+end
+return math.ceil((allow_at - now) * 1000)
+"#,
+        )
+    })
 }
 
 /// Checks every key against its limit (ARGV: amount, limit, ttl per key), then takes every

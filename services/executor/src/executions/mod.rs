@@ -37,7 +37,7 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, SubsecRound as _, Utc};
@@ -148,7 +148,7 @@ impl Run {
 type DesignRevision = (String, i64);
 
 /// A plan and since when it is kept.
-type KeptPlan = (Arc<Plan>, Instant, Verdict);
+type KeptPlan = (Arc<Plan>, Verdict);
 
 /// What ValidateDesign said of a plan's design revision: the errors, if any.
 pub(crate) type Verdict = Arc<Vec<String>>;
@@ -177,10 +177,10 @@ pub(crate) struct Executor {
     /// read it back.
     queued_here: Mutex<HashMap<String, Queued>>,
     /// Plans by design and revision, recently built (see `plan_for`).
-    plans: Mutex<HashMap<DesignRevision, KeptPlan>>,
+    plans: moka::sync::Cache<DesignRevision, KeptPlan>,
     /// The design of each execution started here lately (it never changes), so that a watch
     /// of one — the usual next call after starting it — needs no database read.
-    design_of: Mutex<HashMap<String, String>>,
+    design_of: moka::sync::Cache<String, String>,
     writer: Writer,
     slots: Arc<Semaphore>,
     /// Cancelled when the replica stops taking jobs (drain).
@@ -235,8 +235,11 @@ impl Executor {
         Ok(Arc::new(Self {
             writer: Writer::start(db.clone()),
             queued_here: Mutex::new(HashMap::new()),
-            plans: Mutex::new(HashMap::new()),
-            design_of: Mutex::new(HashMap::new()),
+            plans: start::plan_cache(),
+            design_of: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
             db,
             bus,
             designs: Designs::new(settings)?,

@@ -32,7 +32,12 @@ use crate::{
 /// calls or of a custom component's endpoint (the design's own changes make new revisions).
 const PLAN_TTL: Duration = Duration::from_secs(30);
 /// Most plans kept.
-const MAX_PLANS: usize = 1024;
+const MAX_PLANS: u64 = 1024;
+
+/// Plans recently built, by design and revision: at most [`MAX_PLANS`], each for [`PLAN_TTL`].
+pub(super) fn plan_cache() -> moka::sync::Cache<super::DesignRevision, super::KeptPlan> {
+    moka::sync::Cache::builder().max_capacity(MAX_PLANS).time_to_live(PLAN_TTL).build()
+}
 
 impl Executor {
     pub(crate) async fn start(
@@ -108,13 +113,7 @@ impl Executor {
         design_id: &str,
         revision: i64,
     ) -> Result<(i64, Arc<Plan>, Verdict), Error> {
-        let kept = |revision: i64| {
-            let plans = lock(&self.plans);
-            plans
-                .get(&(design_id.to_owned(), revision))
-                .filter(|(_, at, _)| at.elapsed() < PLAN_TTL)
-                .map(|(plan, _, verdict)| (plan.clone(), verdict.clone()))
-        };
+        let kept = |revision: i64| self.plans.get(&(design_id.to_owned(), revision));
         if revision > 0
             && let Some(access) = self.designs.known_access(credentials, design_id)
             && let Some((plan, verdict)) = kept(revision)
@@ -157,14 +156,7 @@ impl Executor {
             ));
         }
         let plan = Arc::new(plan);
-        let mut plans = lock(&self.plans);
-        if plans.len() >= MAX_PLANS {
-            plans.retain(|_, (_, at, _)| at.elapsed() < PLAN_TTL);
-            if plans.len() >= MAX_PLANS {
-                plans.clear();
-            }
-        }
-        plans.insert((design_id.to_owned(), revision), (plan.clone(), Instant::now(), verdict.clone()));
+        self.plans.insert((design_id.to_owned(), revision), (plan.clone(), verdict.clone()));
         Ok((revision, plan, verdict))
     }
 
@@ -197,13 +189,7 @@ impl Executor {
             }
             queued.insert(id.clone(), (row.clone(), plan, Instant::now()));
         }
-        {
-            let mut designs = lock(&self.design_of);
-            if designs.len() >= 100_000 {
-                designs.clear();
-            }
-            designs.insert(id.clone(), row.design_id.clone());
-        }
+        self.design_of.insert(id.clone(), row.design_id.clone());
         {
             let mut kept = lock(&self.credentials);
             kept.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(24 * 3600));

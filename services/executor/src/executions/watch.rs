@@ -28,7 +28,7 @@ impl Executor {
         id: &str,
         after: &str,
     ) -> Result<impl Stream<Item = Result<Watched, Error>> + Send + 'static, Error> {
-        let known = lock(&self.design_of).get(id).cloned();
+        let known = self.design_of.get(id);
         // Whether it has ended. One started here lately has ended if it ended here (its caller's
         // credentials are dropped then); else it is taken as live until a quiet stream says
         // otherwise.
