@@ -230,6 +230,10 @@ fn base_vars(env: &TestEnv, lease: &str) -> Vec<(String, String)> {
     vars.push(("CSP_EXECUTOR__LEASE".into(), lease.into()));
     vars.push(("CSP_EXECUTOR__DRAIN_TIMEOUT".into(), "10s".into()));
     vars.push(("CSP_EXECUTOR__THREADS".into(), "1".into()));
+    // One designer starts and watches every execution, thousands in seconds: above the
+    // default per-user rate limit, which is not what these tests are about.
+    vars.push(("CSP_GATEWAY__RATE_LIMIT__USER_PER_SECOND".into(), "100000".into()));
+    vars.push(("CSP_GATEWAY__RATE_LIMIT__USER_BURST".into(), "100000".into()));
     vars
 }
 

@@ -37,6 +37,8 @@ use prost::Message as _;
 use tonic::{Code, Status, body::Body, service::Routes, transport::server::TcpConnectInfo};
 use tower::Service;
 
+use crate::limit::{self, RateLimits};
+
 /// The gRPC services the gateway answers itself.
 const LOCAL_SERVICES: [&str; 3] = [
     "grpc.health.v1.Health",
@@ -59,6 +61,8 @@ pub(crate) struct Upstreams {
     max_message_bytes: usize,
     default_deadline: Duration,
     max_deadline: Duration,
+    /// `gateway.trusted_proxies`.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Upstreams {
@@ -81,6 +85,7 @@ impl Upstreams {
             max_message_bytes: settings.gateway.max_message_bytes,
             default_deadline: settings.gateway.default_deadline,
             max_deadline: settings.gateway.max_deadline,
+            trusted_proxies: settings.gateway.trusted_proxies.clone(),
         })
     }
 
@@ -141,11 +146,12 @@ fn service_of(path: &str) -> Option<&str> {
 pub(crate) struct Dispatch {
     upstreams: Arc<Upstreams>,
     local: Routes,
+    limits: Option<Arc<RateLimits>>,
 }
 
 impl Dispatch {
-    pub(crate) fn new(upstreams: Arc<Upstreams>, local: Routes) -> Self {
-        Self { upstreams, local }
+    pub(crate) fn new(upstreams: Arc<Upstreams>, local: Routes, limits: Option<Arc<RateLimits>>) -> Self {
+        Self { upstreams, local, limits }
     }
 }
 
@@ -162,7 +168,18 @@ impl Service<Request<Body>> for Dispatch {
         let service = service_of(request.uri().path()).unwrap_or_default().to_owned();
         if let Some(base) = self.upstreams.by_service.get(service.as_str()) {
             let base = base.clone();
-            return Box::pin(forward(self.upstreams.clone(), base, request));
+            let upstreams = self.upstreams.clone();
+            let Some(limits) = self.limits.clone() else {
+                return Box::pin(forward(upstreams, base, request));
+            };
+            return Box::pin(async move {
+                if let Err(status) =
+                    limits.admit(&limit::client_of(&request, &upstreams.trusted_proxies)).await
+                {
+                    return Ok(status.into_http());
+                }
+                forward(upstreams, base, request).await
+            });
         }
         if LOCAL_SERVICES.contains(&service.as_str()) {
             let mut local = self.local.clone();
@@ -218,11 +235,15 @@ async fn forward(
     };
     parts.version = http::Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
-    // The address this connection came from, replacing anything the client claimed.
+    // The client's address — the connection's, or what a trusted proxy in front said —
+    // replacing anything the client claimed.
+    let client = limit::client_address(
+        &parts.headers,
+        parts.extensions.get::<TcpConnectInfo>(),
+        &upstreams.trusted_proxies,
+    );
     parts.headers.remove("x-forwarded-for");
-    if let Some(peer) = parts.extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr)
-        && let Ok(value) = HeaderValue::from_str(&peer.ip().to_string())
-    {
+    if let Ok(value) = HeaderValue::from_str(&client) {
         parts.headers.insert("x-forwarded-for", value);
     }
     parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));

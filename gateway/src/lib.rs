@@ -8,6 +8,8 @@
 //!   address goes along as `x-forwarded-for`.
 //! - CORS for `gateway.cors_origins`; request messages over `gateway.max_message_bytes` get
 //!   RESOURCE_EXHAUSTED; unary calls get a bounded deadline.
+//! - A token bucket per signed-in user (per address without a token) limits the calls each
+//!   client makes, across gateway replicas ([`limit`]).
 //! - Serves reflection for the whole API and `grpc.health.v1` for every service name
 //!   (mirroring each service's own health), so `grpcurl -plaintext localhost:8080 list` and
 //!   `grpc-health-probe` work against the gateway alone.
@@ -26,6 +28,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 mod forward;
 mod health;
+mod limit;
 
 /// Calls that need no access token: how one gets a token in the first place. Health and
 /// reflection are answered by the gateway itself and are public too.
@@ -52,6 +55,7 @@ pub struct Application {
     server: GrpcServer,
     settings: Settings,
     upstreams: Arc<forward::Upstreams>,
+    limits: Option<Arc<limit::RateLimits>>,
 }
 
 impl Application {
@@ -65,6 +69,7 @@ impl Application {
     /// (it starts the token verifier's background tasks).
     pub fn with_listener(settings: &Settings, bus: SharedBus, listener: TcpListener) -> Result<Self, Error> {
         let upstreams = Arc::new(forward::Upstreams::new(settings).map_err(Error::Config)?);
+        let limits = limit::RateLimits::new(&settings.gateway.rate_limit, bus.clone());
         let verifier =
             csp_bus::revocations::remote_verifier(settings, bus).map_err(|e| Error::Config(e.to_string()))?;
         let server = GrpcServer::new("gateway", listener, settings)?
@@ -72,7 +77,7 @@ impl Application {
             .with_auth(AuthLayer::required(verifier, &csp_proto::SERVICE_NAMES, PUBLIC_CALLS));
         let report = health::GatewayReport::new(settings, upstreams.client().clone(), server.health());
         let server = server.with_health_report(Arc::new(report));
-        Ok(Self { server, settings: settings.clone(), upstreams })
+        Ok(Self { server, settings: settings.clone(), upstreams, limits })
     }
 
     /// The address the gateway listens on.
@@ -85,12 +90,12 @@ impl Application {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), Error> {
-        let Application { server, settings, upstreams } = self;
+        let Application { server, settings, upstreams, limits } = self;
         health::spawn_mirrors(&settings, &server.health()).map_err(Error::Config)?;
         let cors = cors_layer(&settings);
         server
             .serve_with(
-                |routes| BoxCloneSyncService::new(forward::Dispatch::new(upstreams, routes)),
+                |routes| BoxCloneSyncService::new(forward::Dispatch::new(upstreams, routes, limits)),
                 |inner| {
                     BoxCloneSyncService::new(
                         ServiceBuilder::new()

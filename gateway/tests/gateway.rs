@@ -112,6 +112,8 @@ impl ExecutorService for TestExecutor {
 
 struct Harness {
     gateway: SocketAddr,
+    /// The gateway's settings (a second replica of it starts with them).
+    settings: Settings,
     seen: Arc<Seen>,
     token: String,
     _issuer: csp_testkit::TestIssuer,
@@ -149,9 +151,14 @@ async fn start() -> Harness {
 /// With `raw`, the upstream is a bare tonic server, without the suite's standard layers (so
 /// without their bounds on statuses): a faulty upstream.
 async fn start_with(raw: bool) -> Harness {
+    start_in(&csp_testkit::TestEnv::embedded().await, raw, |_| ()).await
+}
+
+/// The gateway in front of the test executor, on `env`, its settings changed by `tweak`.
+async fn start_in(env: &csp_testkit::TestEnv, raw: bool, tweak: impl FnOnce(&mut Settings)) -> Harness {
     init_telemetry();
-    let env = csp_testkit::TestEnv::embedded().await;
     let mut settings = env.settings();
+    tweak(&mut settings);
     settings.gateway.max_message_bytes = 64 * 1024;
     settings.gateway.cors_origins = vec!["http://designer.example".into()];
 
@@ -196,7 +203,15 @@ async fn start_with(raw: bool) -> Harness {
     let addr = gateway.local_addr();
     tokio::spawn(gateway.run_until_stopped(stop.clone().cancelled_owned()));
 
-    let harness = Harness { gateway: addr, seen, token, _issuer: issuer, upstream_stop, stop };
+    let harness = Harness {
+        gateway: addr,
+        seen,
+        token,
+        _issuer: issuer,
+        upstream_stop,
+        stop,
+        settings: settings.clone(),
+    };
     wait_for_status(&harness, "csp.executor.v1.ExecutorService", ServingStatus::Serving).await;
     harness
 }
@@ -489,6 +504,16 @@ async fn the_client_address_cannot_be_forged() {
     request.metadata_mut().insert("x-forwarded-for", "203.0.113.66".parse().unwrap());
     let execution = client.get_execution(request).await.unwrap().into_inner().execution.unwrap();
     assert_eq!(execution.retry_of, "127.0.0.1", "the service sees the real peer");
+
+    // Behind a load balancer the gateway trusts, the balancer's word names the client.
+    let env = csp_testkit::TestEnv::embedded().await;
+    let behind =
+        start_in(&env, false, |s| s.gateway.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()]).await;
+    let mut client = ExecutorServiceClient::new(channel(behind.gateway).await);
+    let mut request = authed(GetExecutionRequest { execution_id: "e".into() }, &behind.token);
+    request.metadata_mut().insert("x-forwarded-for", "203.0.113.66, 10.0.0.1".parse().unwrap());
+    let execution = client.get_execution(request).await.unwrap().into_inner().execution.unwrap();
+    assert_eq!(execution.retry_of, "203.0.113.66");
 }
 
 /// A faulty upstream's oversized status fails that call alone, with a bounded message: the
@@ -591,3 +616,78 @@ async fn read_response(socket: &mut tokio::net::TcpStream) -> String {
         }
     }
 }
+
+/// Another gateway with the harness's settings, on `env`'s bus: a second replica.
+async fn second_gateway(harness: &Harness, env: &csp_testkit::TestEnv) -> SocketAddr {
+    let gateway = csp_gateway::Application::with_listener(
+        &harness.settings,
+        env.bus(),
+        bind("gateway", "127.0.0.1:0".parse().unwrap()).await.unwrap(),
+    )
+    .unwrap();
+    let addr = gateway.local_addr();
+    tokio::spawn(gateway.run_until_stopped(harness.stop.clone().cancelled_owned()));
+    addr
+}
+
+/// A token bucket per user (per address without a token), shared by every gateway replica on
+/// the same bus: a burst, then RESOURCE_EXHAUSTED with RetryInfo and retry-after, one user's
+/// calls never spending another's, and a call passing again once the wait is over.
+async fn rate_limits_hold_per_client_across_gateway_replicas(env: csp_testkit::TestEnv) {
+    use tonic_types::StatusExt as _;
+    let harness = start_in(&env, false, |settings| {
+        let limit = &mut settings.gateway.rate_limit;
+        (limit.user_per_second, limit.user_burst) = (2.0, 4);
+        (limit.anonymous_per_second, limit.anonymous_burst) = (1.0, 2);
+    })
+    .await;
+    let other = second_gateway(&harness, &env).await;
+    let mut first = ExecutorServiceClient::new(channel(harness.gateway).await);
+    let mut second = ExecutorServiceClient::new(channel(other).await);
+    let get = |token: &str| authed(GetExecutionRequest { execution_id: "e".into() }, token);
+
+    // Four calls in a burst, two through each replica, then the bucket is empty on both.
+    for i in 0..4 {
+        let client = if i % 2 == 0 { &mut first } else { &mut second };
+        client.get_execution(get(&harness.token)).await.unwrap();
+    }
+    let status = second.get_execution(get(&harness.token)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("2 calls a second per user"), "{}", status.message());
+    let wait = status.get_details_retry_info().and_then(|r| r.retry_delay).expect("RetryInfo");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
+    assert!(first.get_execution(get(&harness.token)).await.is_err(), "the other replica refuses too");
+    let calls = harness.seen.calls.load(Ordering::SeqCst);
+    assert_eq!(calls, 4, "refused calls never reach the service");
+
+    // Another user has a bucket of their own.
+    let other_user = harness._issuer.token("user-2", &[csp_platform::auth::Role::Designer]);
+    first.get_execution(get(&other_user)).await.unwrap();
+
+    // Once the wait is over, one more call passes.
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    first.get_execution(get(&harness.token)).await.unwrap();
+
+    // Without a token, by address: two calls reach the auth service (the stand-in here does not
+    // sign anyone in), the third is refused before it goes anywhere.
+    let mut auth = csp_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel(other).await);
+    let login = || csp_proto::auth::v1::LoginRequest {
+        login: "who".into(),
+        password: "pw".into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let status = auth.login(login()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    }
+    let status = auth.login(login()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("per address"), "{}", status.message());
+    // Health and reflection are the gateway's own and never limited.
+    for _ in 0..10 {
+        health_of(&harness, "csp.executor.v1.ExecutorService").await;
+    }
+}
+
+csp_testkit::backend_tests!(rate_limits_hold_per_client_across_gateway_replicas);

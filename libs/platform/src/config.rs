@@ -565,6 +565,43 @@ pub struct GatewaySettings {
     /// How long to wait for an upstream connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Calls each client may make.
+    pub rate_limit: RateLimitSettings,
+    /// Proxies in front of the gateway (a load balancer, an ingress) whose `x-forwarded-for`
+    /// names the client; from anyone else it is replaced by the connection's address. None by
+    /// default: the gateway is the edge.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// The gateway's per-client rate limit: a token bucket per signed-in user, and per client
+/// address for calls without a token, kept on the bus (Redis when configured) so that every
+/// gateway replica draws from the same buckets. A call over the limit gets RESOURCE_EXHAUSTED
+/// with `RetryInfo` and `retry-after`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    /// Whether calls are limited at all.
+    pub enabled: bool,
+    /// Calls per second a signed-in user may keep up.
+    pub user_per_second: f64,
+    /// Calls a signed-in user may make at once after a quiet spell.
+    pub user_burst: u32,
+    /// Calls per second one address may keep up without a token (sign-in, refresh).
+    pub anonymous_per_second: f64,
+    /// Calls one address may make at once without a token.
+    pub anonymous_burst: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            user_per_second: 1000.0,
+            user_burst: 2000,
+            anonymous_per_second: 50.0,
+            anonymous_burst: 100,
+        }
+    }
 }
 
 impl Default for GatewaySettings {
@@ -576,6 +613,8 @@ impl Default for GatewaySettings {
             default_deadline: Duration::from_secs(30),
             max_deadline: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
+            rate_limit: RateLimitSettings::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
