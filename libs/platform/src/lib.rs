@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proxies;
 pub mod server;
 pub mod telemetry;
+pub mod text;
 
 pub use config::{Service, Settings};
 pub use error::{ApiError, FieldViolation, Violations};

@@ -228,10 +228,19 @@ impl GrpcServer {
         let inner = routes_service(routes.routes().prepare());
 
         let report: Arc<dyn HealthReport> = report.unwrap_or_else(|| Arc::new(health.clone()));
-        let limited = GlobalConcurrencyLimitLayer::new(settings.concurrency_limit).layer(inner);
+        let limited: HttpService = BoxCloneSyncService::new(
+            GlobalConcurrencyLimitLayer::new(settings.concurrency_limit).layer(inner),
+        );
+        // Text no store can keep is refused by the services (the gateway passes calls on, and
+        // the service behind it refuses them).
+        let checked: HttpService = if name == "gateway" {
+            limited
+        } else {
+            BoxCloneSyncService::new(crate::text::NulTextLayer.layer(limited))
+        };
         let authenticated: HttpService = match auth {
-            Some(auth) => BoxCloneSyncService::new(auth.layer(limited)),
-            None => BoxCloneSyncService::new(limited),
+            Some(auth) => BoxCloneSyncService::new(auth.layer(checked)),
+            None => checked,
         };
         let trusted = crate::proxies::TrustedProxiesLayer::new(settings.trusted_proxies.clone());
         let observed = BoxCloneSyncService::new(ObserveLayer::new(name).layer(trusted.layer(authenticated)));
