@@ -18,6 +18,7 @@ use serde_json::Value;
 
 mod catalog;
 pub mod compat;
+pub mod deadlock;
 pub mod jq;
 pub mod schema;
 

@@ -911,6 +911,34 @@ pub struct DesignSettings {
     pub snapshot_every: i64,
     /// Edits each user can undo per design (and undone edits they can redo).
     pub undo_depth: usize,
+    /// The deadlock check (CheckDeadlock).
+    pub deadlock: DeadlockSettings,
+}
+
+/// Bounds of the deadlock check's search.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadlockSettings {
+    /// Distinct states explored at most (a request may ask for fewer).
+    pub max_states: u64,
+    /// Time the search may take.
+    #[serde(with = "humantime_serde")]
+    pub max_time: Duration,
+    /// Messages each source is assumed to send (fewer when its configuration says so).
+    pub source_messages: u16,
+    /// Capacity of connections that declare none (the executor's default).
+    pub default_capacity: u16,
+}
+
+impl Default for DeadlockSettings {
+    fn default() -> Self {
+        Self {
+            max_states: 1_000_000,
+            max_time: Duration::from_secs(5),
+            source_messages: 3,
+            default_capacity: 16,
+        }
+    }
 }
 
 impl Default for DesignSettings {
@@ -923,6 +951,7 @@ impl Default for DesignSettings {
             max_import_bytes: 4 * 1024 * 1024,
             snapshot_every: 20,
             undo_depth: 100,
+            deadlock: DeadlockSettings::default(),
         }
     }
 }

@@ -129,6 +129,66 @@ fn credentials<T>(request: &Request<T>) -> Credentials {
     request.metadata().get("authorization").cloned()
 }
 
+/// A deadlock search's answer in the API's terms: nodes and connections by id.
+fn deadlock_response(checked: crate::deadlock::Checked) -> pb::CheckDeadlockResponse {
+    use csp_components::deadlock::Verdict;
+    let crate::deadlock::Checked { verdict, model, assumed, source_messages } = checked;
+    let node = |p: usize| model.processes[p].node_id.clone();
+    let mut response = pb::CheckDeadlockResponse {
+        assumed_node_ids: assumed,
+        source_messages: i32::from(source_messages),
+        ..Default::default()
+    };
+    match verdict {
+        Verdict::Free { states } => {
+            response.verdict = pb::DeadlockVerdict::DeadlockFree as i32;
+            response.states_explored = states as i64;
+        }
+        Verdict::CapReached { states } => {
+            response.verdict = pb::DeadlockVerdict::StateCapReached as i32;
+            response.states_explored = states as i64;
+        }
+        Verdict::Deadlock { states, trace, blocked, fill } => {
+            response.verdict = pb::DeadlockVerdict::DeadlockFound as i32;
+            response.states_explored = states as i64;
+            response.trace = trace
+                .into_iter()
+                .map(|step| {
+                    let channel = &model.channels[step.channel];
+                    pb::TraceStep {
+                        connection_id: channel.connection_id.clone(),
+                        from_node_id: node(channel.from),
+                        to_node_id: node(channel.to),
+                        action: crate::deadlock::action(step.action).into(),
+                    }
+                })
+                .collect();
+            response.blocked = blocked
+                .into_iter()
+                .map(|b| pb::BlockedProcess {
+                    node_id: node(b.process),
+                    waiting_to: crate::deadlock::waiting(b.waiting_to).into(),
+                    connection_ids: b
+                        .channels
+                        .iter()
+                        .map(|&c| model.channels[c].connection_id.clone())
+                        .collect(),
+                })
+                .collect();
+            response.channels = fill
+                .into_iter()
+                .zip(&model.channels)
+                .map(|(messages, channel)| pb::ChannelFill {
+                    connection_id: channel.connection_id.clone(),
+                    messages: i32::from(messages),
+                    capacity: i32::from(channel.capacity),
+                })
+                .collect();
+        }
+    }
+    response
+}
+
 fn required<T>(value: Option<T>, field: &str) -> Result<T, Error> {
     value.ok_or_else(|| Error::field(field, "is required"))
 }
@@ -635,9 +695,27 @@ impl DesignService for DesignApi {
         }))
     }
 
-    // The model check and its exports are not built yet.
+    #[tracing::instrument(skip_all)]
+    async fn check_deadlock(
+        &self,
+        request: Request<pb::CheckDeadlockRequest>,
+    ) -> Result<Response<pb::CheckDeadlockResponse>, Status> {
+        let p = require(&request, Permission::DesignRead)?;
+        let credentials = credentials(&request);
+        let r = request.into_inner();
+        if r.max_states < 0 {
+            return Err(Error::field("max_states", "must not be negative").into());
+        }
+        let (design, _) = self.designs.at_revision(&p, &r.design_id, r.revision, "revision").await?;
+        let checked = self
+            .designs
+            .check_deadlock(&p, &credentials, &design.id, &design.document, r.max_states as u64)
+            .await?;
+        Ok(Response::new(deadlock_response(checked)))
+    }
+
+    // The CSPm export is not built yet.
     csp_proto::unimplemented_rpcs! {
-        check_deadlock(pb::CheckDeadlockRequest) -> pb::CheckDeadlockResponse;
         export_cspm(pb::ExportCspmRequest) -> pb::ExportCspmResponse;
     }
 }

@@ -28,6 +28,7 @@ use csp_store::StoreError;
 use tokio::net::TcpListener;
 
 mod convert;
+mod deadlock;
 mod designs;
 pub mod document;
 mod entity;

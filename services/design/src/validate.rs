@@ -305,7 +305,35 @@ impl Designs {
             findings.push(Finding::warning("empty_design", "the design has no nodes; it does nothing"));
             return Ok(findings);
         }
+        let infos = self.resolve(p, credentials, design_id, document, &mut findings).await?;
+        self.connection_findings(credentials, document, &infos, &mut findings).await?;
 
+        // 4. The graph.
+        findings.extend(graph_findings(document, &infos));
+        findings.sort_by(|a, b| {
+            (a.severity, &a.node_id, &a.connection_id, a.code, &a.port, &a.message).cmp(&(
+                b.severity,
+                &b.node_id,
+                &b.connection_id,
+                b.code,
+                &b.port,
+                &b.message,
+            ))
+        });
+        Ok(findings)
+    }
+
+    /// Each node's type (from the registry), configuration verdict and ports for that
+    /// configuration; what is wrong with them goes to `findings`. Nodes whose type is unknown
+    /// are left out.
+    pub(crate) async fn resolve(
+        &self,
+        p: &csp_platform::auth::Principal,
+        credentials: &Credentials,
+        design_id: &str,
+        document: &Document,
+        findings: &mut Vec<Finding>,
+    ) -> Result<BTreeMap<String, NodeInfo>, Error> {
         // 1. The types, once per (type, version).
         let wanted: BTreeSet<(String, String)> =
             document.nodes.values().map(|n| (n.type_id.clone(), n.type_version.clone())).collect();
@@ -399,12 +427,21 @@ impl Designs {
                 info.outputs = spec.outputs.iter().map(PortInfo::of).collect();
             }
             if node.type_id == DESIGN_CALL && verdict.valid {
-                self.sub_design(p, design_id, node, &mut info, &mut findings).await?;
+                self.sub_design(p, design_id, node, &mut info, findings).await?;
             }
             infos.insert(node.id.clone(), info);
         }
+        Ok(infos)
+    }
 
-        // 3. Connections: ports, then compatibility of each distinct pair of ports.
+    /// 3. Connections: ports, then compatibility of each distinct pair of ports.
+    async fn connection_findings(
+        &self,
+        credentials: &Credentials,
+        document: &Document,
+        infos: &BTreeMap<String, NodeInfo>,
+        findings: &mut Vec<Finding>,
+    ) -> Result<(), Error> {
         let mut pairs: BTreeSet<PortPair> = BTreeSet::new();
         let mut local: Vec<(&Connection, Value, Value)> = Vec::new();
         let mut checkable: Vec<(&Connection, PortPair)> = Vec::new();
@@ -458,20 +495,7 @@ impl Designs {
                 );
             }
         }
-
-        // 4. The graph.
-        findings.extend(graph_findings(document, &infos));
-        findings.sort_by(|a, b| {
-            (a.severity, &a.node_id, &a.connection_id, a.code, &a.port, &a.message).cmp(&(
-                b.severity,
-                &b.node_id,
-                &b.connection_id,
-                b.code,
-                &b.port,
-                &b.message,
-            ))
-        });
-        Ok(findings)
+        Ok(())
     }
 
     /// Resolves a `design.call` node's ports from the design it runs, and checks that the

@@ -543,6 +543,42 @@ async fn a_deadline_fails_the_execution() {
     assert_eq!(ran.outcome.error.unwrap().code, "timeout");
 }
 
+/// The design CheckDeadlock's tests call crossed (services/design/tests/deadlock.rs): with room
+/// for one message on the join's `b` the executor deadlocks with the blocked set the checker
+/// names; with room for two it completes, as the checker says.
+#[tokio::test]
+async fn the_crossed_join_deadlocks_as_the_checker_says() {
+    for (capacity, deadlocks) in [(1, true), (2, false)] {
+        let mut p = plan(
+            &[
+                ("seq", "source.sequence", json!({ "count": 2 })),
+                ("batch", "control.batch", json!({ "size": 2 })),
+                ("join", "control.join", json!({ "inputs": ["a", "b"] })),
+                ("out", "sink.output", json!({})),
+            ],
+            &[
+                ("seq", "out", "join", "b"),
+                ("seq", "out", "batch", "in"),
+                ("batch", "out", "join", "a"),
+                ("join", "out", "out", "in"),
+            ],
+        );
+        for c in &mut p.connections {
+            c.capacity = if c.to_port == "b" { capacity } else { 1 };
+        }
+        let ran = run(&p, Options { batch: 1, ..Options::default() }).await;
+        if deadlocks {
+            assert_eq!(ran.outcome.ending, Ending::Deadlocked, "{:?}", ran.outcome.error);
+            let mut blocked = ran.outcome.error.unwrap().blocked_node_ids;
+            blocked.sort();
+            assert_eq!(blocked, ["batch", "join", "out", "seq"]);
+        } else {
+            assert_eq!(ran.outcome.ending, Ending::Succeeded, "{:?}", ran.outcome.error);
+            assert_eq!(ran.output("out").len(), 1);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_cycle_that_cannot_buffer_deadlocks() {
     // join waits for `right`, which only map can send, and map waits for join.

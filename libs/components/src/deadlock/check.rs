@@ -1,0 +1,459 @@
+//! The search: breadth first over the states of a [`Model`].
+//!
+//! A state is one flat array of small numbers: per process its phase and counters, per channel
+//! how many messages it holds and whether its sender has closed it. Steps that only change a
+//! process's own state (starting a write, ending after the last input, closing outputs) are
+//! taken at once after every communication — they commute with everything else, so the states
+//! in between need not be visited. Only sends and receives are steps of the search, and of a
+//! trace.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use super::{Machine, Model, Writes};
+
+/// Fields per process in a state.
+const PROCESS: usize = 5;
+/// The closed flag of a channel's field.
+const CLOSED: u16 = 1 << 15;
+/// A write to every port of the mask (rather than to one chosen port).
+const ALL_PORTS: u16 = u16::MAX;
+
+/// Phases of a process.
+const READY: u16 = 0;
+const WRITING: u16 = 1;
+const FINAL_WRITE: u16 = 2;
+const ENDED: u16 = 3;
+
+/// One communication of a trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// The process that acted.
+    pub process: usize,
+    /// The channel.
+    pub channel: usize,
+    /// Sent into it or received from it.
+    pub action: StepAction,
+}
+
+/// What a [`Step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepAction {
+    /// A message into the channel.
+    Send,
+    /// A message out of the channel.
+    Receive,
+}
+
+/// What a blocked process waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitingTo {
+    /// Room in a full channel.
+    Send,
+    /// A message in one of several empty channels.
+    Receive,
+}
+
+/// A process stuck in a deadlock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The process.
+    pub process: usize,
+    /// What it waits for.
+    pub waiting_to: WaitingTo,
+    /// On which channels.
+    pub channels: Vec<usize>,
+}
+
+/// The outcome of [`check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every reachable state can move on or has every process ended.
+    Free {
+        /// Distinct states explored.
+        states: u64,
+    },
+    /// A reachable state where the blocked processes wait forever.
+    Deadlock {
+        /// Distinct states explored.
+        states: u64,
+        /// The shortest sequence of communications that reaches it.
+        trace: Vec<Step>,
+        /// The processes that cannot move (the others have ended).
+        blocked: Vec<Blocked>,
+        /// How many messages each channel holds then.
+        fill: Vec<u16>,
+    },
+    /// The search stopped at its state or time cap without an answer.
+    CapReached {
+        /// Distinct states explored.
+        states: u64,
+    },
+}
+
+/// Explores `model` up to `max_states` distinct states and `max_time`.
+pub fn check(model: &Model, max_states: u64, max_time: Duration) -> Verdict {
+    Search::new(model).run(max_states, max_time)
+}
+
+struct Search<'m> {
+    model: &'m Model,
+    width: usize,
+}
+
+impl<'m> Search<'m> {
+    fn new(model: &'m Model) -> Self {
+        Self { model, width: model.processes.len() * PROCESS + model.channels.len() }
+    }
+
+    fn run(&self, max_states: u64, max_time: Duration) -> Verdict {
+        let started = Instant::now();
+        let mut initial = vec![0u16; self.width];
+        self.settle(&mut initial);
+        let initial: Rc<[u16]> = initial.into();
+        let mut seen: HashMap<Rc<[u16]>, u32> = HashMap::new();
+        // Per state: the state it was reached from and the step.
+        let mut parents: Vec<(u32, Option<Step>)> = vec![(0, None)];
+        let mut states: Vec<Rc<[u16]>> = vec![initial.clone()];
+        seen.insert(initial, 0);
+        let mut queue = VecDeque::from([0u32]);
+        let mut moves = Vec::new();
+        while let Some(at) = queue.pop_front() {
+            if (at & 0xfff) == 0 && started.elapsed() > max_time {
+                return Verdict::CapReached { states: states.len() as u64 };
+            }
+            let state = states[at as usize].clone();
+            moves.clear();
+            self.moves(&state, &mut moves);
+            let stuck = self.stuck(&state, &moves);
+            if !stuck.is_empty() {
+                let mut trace = Vec::new();
+                let mut cursor = at;
+                while let (parent, Some(step)) = parents[cursor as usize] {
+                    trace.push(step);
+                    cursor = parent;
+                }
+                trace.reverse();
+                return Verdict::Deadlock {
+                    states: states.len() as u64,
+                    trace,
+                    blocked: self.blocked(&state, &stuck),
+                    fill: self
+                        .model
+                        .channels
+                        .iter()
+                        .enumerate()
+                        .map(|(c, _)| self.count(&state, c))
+                        .collect(),
+                };
+            }
+            for (next, step) in moves.drain(..) {
+                if seen.contains_key(&next[..]) {
+                    continue;
+                }
+                if states.len() as u64 >= max_states {
+                    return Verdict::CapReached { states: states.len() as u64 };
+                }
+                let next: Rc<[u16]> = next.into();
+                let index = states.len() as u32;
+                seen.insert(next.clone(), index);
+                states.push(next);
+                parents.push((at, Some(step)));
+                queue.push_back(index);
+            }
+        }
+        Verdict::Free { states: states.len() as u64 }
+    }
+
+    fn channel_field(&self, channel: usize) -> usize {
+        self.model.processes.len() * PROCESS + channel
+    }
+
+    fn count(&self, state: &[u16], channel: usize) -> u16 {
+        state[self.channel_field(channel)] & !CLOSED
+    }
+
+    fn closed(&self, state: &[u16], channel: usize) -> bool {
+        state[self.channel_field(channel)] & CLOSED != 0
+    }
+
+    fn ended(&self, state: &[u16], process: usize) -> bool {
+        state[process * PROCESS] == ENDED
+    }
+
+    /// The processes of `state` that can never move again: each cannot move now, and every
+    /// process that could let it (the receiver of the full channel it sends on, the senders of
+    /// the empty channels it reads) is one of them. The greatest such set: start from every
+    /// process that cannot move and drop those waiting on someone outside, until none is.
+    fn stuck(&self, state: &[u16], moves: &[(Vec<u16>, Step)]) -> Vec<usize> {
+        let n = self.model.processes.len();
+        let mut stuck: Vec<bool> = (0..n).map(|p| !self.ended(state, p)).collect();
+        for (_, step) in moves {
+            stuck[step.process] = false;
+        }
+        loop {
+            let mut changed = false;
+            for p in 0..n {
+                if !stuck[p] {
+                    continue;
+                }
+                let (_, channels) = self.waiting(state, p);
+                let partners_stuck = channels.iter().all(|&c| {
+                    let channel = &self.model.channels[c];
+                    let partner = if channel.from == p { channel.to } else { channel.from };
+                    stuck[partner]
+                });
+                if !partners_stuck {
+                    stuck[p] = false;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return (0..n).filter(|&p| stuck[p]).collect();
+            }
+        }
+    }
+
+    /// What process `p` waits for in `state`: to send on its next channel, or to receive from
+    /// the inputs it reads that are not exhausted.
+    fn waiting(&self, state: &[u16], p: usize) -> (WaitingTo, Vec<usize>) {
+        let base = p * PROCESS;
+        if matches!(state[base], WRITING | FINAL_WRITE) {
+            let channels = self.write_channels(p, state[base + 2]);
+            (WaitingTo::Send, channels.get(usize::from(state[base + 1])).copied().into_iter().collect())
+        } else {
+            let channels = self
+                .reading(state, p)
+                .into_iter()
+                .filter(|&c| !(self.closed(state, c) && self.count(state, c) == 0))
+                .collect();
+            (WaitingTo::Receive, channels)
+        }
+    }
+
+    /// The channels a write of process `p` goes to, in order: every port of its mask, or the
+    /// one chosen port.
+    fn write_channels(&self, p: usize, port: u16) -> Vec<usize> {
+        let process = &self.model.processes[p];
+        let mask = match process.machine {
+            Machine::Source { ports, .. } | Machine::Join { ports } | Machine::Collect { ports, .. } => ports,
+            Machine::Serve {
+                writes: Writes::Each(ports) | Writes::OneOrNone(ports) | Writes::UpTo { ports, .. },
+            } => ports,
+            Machine::Serve { writes: Writes::Nothing } => 0,
+        };
+        process
+            .outputs
+            .iter()
+            .enumerate()
+            .filter(
+                |(i, _)| {
+                    if port == ALL_PORTS { *i < 32 && mask & (1 << i) != 0 } else { *i == usize::from(port) }
+                },
+            )
+            .flat_map(|(_, channels)| channels.iter().copied())
+            .collect()
+    }
+
+    /// The inputs process `p` reads from now.
+    fn reading(&self, state: &[u16], p: usize) -> Vec<usize> {
+        let process = &self.model.processes[p];
+        match process.machine {
+            Machine::Join { .. } => {
+                let port = usize::from(state[p * PROCESS + 4]);
+                process.inputs.get(port).cloned().unwrap_or_default()
+            }
+            _ => process.inputs.iter().flatten().copied().collect(),
+        }
+    }
+
+    /// Takes every step that changes only process-local state (and closes channels), until
+    /// none is left.
+    fn settle(&self, state: &mut [u16]) {
+        loop {
+            let mut changed = false;
+            for p in 0..self.model.processes.len() {
+                changed |= self.settle_one(state, p);
+            }
+            if !changed {
+                return;
+            }
+        }
+    }
+
+    fn settle_one(&self, state: &mut [u16], p: usize) -> bool {
+        let base = p * PROCESS;
+        let machine = self.model.processes[p].machine;
+        match state[base] {
+            READY => match machine {
+                Machine::Source { count, .. } => {
+                    if state[base + 4] < count {
+                        state[base + 4] += 1;
+                        self.start_write(state, p, ALL_PORTS, 1, WRITING);
+                    } else {
+                        self.end(state, p);
+                    }
+                    true
+                }
+                _ => {
+                    let inputs = self.reading(state, p);
+                    let exhausted =
+                        inputs.iter().all(|&c| self.closed(state, c) && self.count(state, c) == 0);
+                    if !exhausted {
+                        return false;
+                    }
+                    match machine {
+                        Machine::Collect { .. } if state[base + 4] > 0 => {
+                            state[base + 4] = 0;
+                            self.start_write(state, p, ALL_PORTS, 1, FINAL_WRITE);
+                        }
+                        _ => self.end(state, p),
+                    }
+                    true
+                }
+            },
+            WRITING | FINAL_WRITE => {
+                let channels = self.write_channels(p, state[base + 2]);
+                let pos = usize::from(state[base + 1]);
+                if let Some(&c) = channels.get(pos) {
+                    // A channel whose receiver has ended takes and drops the message.
+                    if self.ended(state, self.model.channels[c].to) {
+                        state[base + 1] += 1;
+                        return true;
+                    }
+                    return false;
+                }
+                // One message written everywhere it goes.
+                let left = state[base + 3].saturating_sub(1);
+                if left > 0 {
+                    state[base + 1] = 0;
+                    state[base + 3] = left;
+                } else if state[base] == FINAL_WRITE {
+                    self.end(state, p);
+                } else {
+                    state[base..base + 4].copy_from_slice(&[READY, 0, 0, 0]);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn start_write(&self, state: &mut [u16], p: usize, port: u16, messages: u16, phase: u16) {
+        let base = p * PROCESS;
+        state[base..base + 4].copy_from_slice(&[phase, 0, port, messages]);
+    }
+
+    fn end(&self, state: &mut [u16], p: usize) {
+        let base = p * PROCESS;
+        state[base..base + 5].copy_from_slice(&[ENDED, 0, 0, 0, 0]);
+        for &c in self.model.processes[p].outputs.iter().flatten() {
+            let field = self.channel_field(c);
+            state[field] |= CLOSED;
+        }
+    }
+
+    /// Every communication enabled in `state`, with the state it leads to (settled).
+    fn moves(&self, state: &[u16], out: &mut Vec<(Vec<u16>, Step)>) {
+        for (p, process) in self.model.processes.iter().enumerate() {
+            let base = p * PROCESS;
+            match state[base] {
+                WRITING | FINAL_WRITE => {
+                    let channels = self.write_channels(p, state[base + 2]);
+                    let Some(&c) = channels.get(usize::from(state[base + 1])) else { continue };
+                    if self.count(state, c) < self.model.channels[c].capacity {
+                        let mut next = state.to_vec();
+                        next[self.channel_field(c)] += 1;
+                        next[base + 1] += 1;
+                        self.settle(&mut next);
+                        out.push((next, Step { process: p, channel: c, action: StepAction::Send }));
+                    }
+                }
+                READY if !matches!(process.machine, Machine::Source { .. }) => {
+                    for c in self.reading(state, p) {
+                        if self.count(state, c) == 0 {
+                            continue;
+                        }
+                        let step = Step { process: p, channel: c, action: StepAction::Receive };
+                        let mut taken = state.to_vec();
+                        taken[self.channel_field(c)] -= 1;
+                        for mut next in self.after_receive(taken, p) {
+                            self.settle(&mut next);
+                            out.push((next, step));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The states a process can be in after taking a message (several where what it writes
+    /// depends on the message).
+    fn after_receive(&self, mut state: Vec<u16>, p: usize) -> Vec<Vec<u16>> {
+        let base = p * PROCESS;
+        let process = &self.model.processes[p];
+        match process.machine {
+            Machine::Source { .. } => vec![state],
+            Machine::Join { .. } => {
+                let next = state[base + 4] + 1;
+                if usize::from(next) >= process.inputs.len() {
+                    state[base + 4] = 0;
+                    self.start_write(&mut state, p, ALL_PORTS, 1, WRITING);
+                } else {
+                    state[base + 4] = next;
+                }
+                vec![state]
+            }
+            Machine::Collect { size, .. } => {
+                let held = state[base + 4] + 1;
+                if size > 0 && held >= size {
+                    state[base + 4] = 0;
+                    self.start_write(&mut state, p, ALL_PORTS, 1, WRITING);
+                } else {
+                    state[base + 4] = held;
+                }
+                vec![state]
+            }
+            Machine::Serve { writes } => match writes {
+                Writes::Nothing => vec![state],
+                Writes::Each(_) => {
+                    self.start_write(&mut state, p, ALL_PORTS, 1, WRITING);
+                    vec![state]
+                }
+                Writes::OneOrNone(mask) => {
+                    let mut branches = vec![state.clone()];
+                    for port in (0..process.outputs.len().min(32)).filter(|i| mask & (1 << i) != 0) {
+                        let mut branch = state.clone();
+                        self.start_write(&mut branch, p, port as u16, 1, WRITING);
+                        branches.push(branch);
+                    }
+                    branches
+                }
+                Writes::UpTo { max, .. } => {
+                    let mut branches = vec![state.clone()];
+                    for k in 1..=u16::from(max) {
+                        let mut branch = state.clone();
+                        self.start_write(&mut branch, p, ALL_PORTS, k, WRITING);
+                        branches.push(branch);
+                    }
+                    branches
+                }
+            },
+        }
+    }
+
+    /// What each stuck process waits for.
+    fn blocked(&self, state: &[u16], stuck: &[usize]) -> Vec<Blocked> {
+        stuck
+            .iter()
+            .map(|&p| {
+                let (waiting_to, channels) = self.waiting(state, p);
+                Blocked { process: p, waiting_to, channels }
+            })
+            .collect()
+    }
+}

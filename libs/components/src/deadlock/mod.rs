@@ -1,0 +1,356 @@
+//! Deadlock checking of a design before it runs.
+//!
+//! A design becomes a [`Model`]: one process per node, whose behaviour on its ports is a small
+//! state machine ([`Machine`], chosen per component type by [`machine_for`]), and one FIFO per
+//! connection with the capacity the executor gives it. Messages are abstracted to tokens:
+//! what matters for deadlock is which process waits on which channel, not what it carries;
+//! where a component's output depends on data (a filter, a switch, a split), every choice is
+//! explored. Sources send a bounded number of messages.
+//!
+//! [`check`] explores every reachable state breadth first, so the first deadlock it meets is
+//! one reached by the fewest communications: its trace is the shortest story of how it
+//! happens. A deadlock is a state where no process can move and some have not ended — those
+//! are the blocked ones, each waiting to send on a full channel or to receive from empty ones
+//! (others may have ended: a partial deadlock).
+
+mod check;
+
+pub use check::{Blocked, Step, StepAction, Verdict, WaitingTo, check};
+
+use serde_json::Value;
+
+/// A node's behaviour on its ports, by what it does in one round. Output ports are named by a
+/// bit mask (bit `i`: output port `i`); a node never writes to ports outside its masks (an
+/// `error` port carries only failures, which the model leaves out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// Sends `count` messages, each to every port of `ports`, then ends (`source.*`).
+    Source {
+        /// Messages sent.
+        count: u16,
+        /// Where each goes.
+        ports: u32,
+    },
+    /// Takes a message from whichever input has one, then writes as `writes` says; ends when
+    /// every input is closed and empty (transforms, sinks, merge, alt).
+    Serve {
+        /// What one message in makes it write.
+        writes: Writes,
+    },
+    /// Takes one message from each input, in port order, then writes one to every port of
+    /// `ports`; ends when the input it waits on is closed and empty (`control.join`).
+    Join {
+        /// Where each joined message goes.
+        ports: u32,
+    },
+    /// Takes `size` messages (from whichever input has one), then writes one to every port of
+    /// `ports`; at the end writes what it still holds (`control.batch`, `transform.reduce`,
+    /// `metrics.stats`; `size` 0 holds everything until the end).
+    Collect {
+        /// Messages per write; 0: only at the end.
+        size: u16,
+        /// Where each goes.
+        ports: u32,
+    },
+}
+
+/// What a [`Machine::Serve`] writes per message taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// Nothing (sinks).
+    Nothing,
+    /// One message to every port of the mask (a connection each, in order).
+    Each(u32),
+    /// One message to one port of the mask, or none (filter, switch).
+    OneOrNone(u32),
+    /// Up to `max` messages, each to every port of the mask (split, remote calls).
+    UpTo {
+        /// Most messages per message taken.
+        max: u8,
+        /// Where each goes.
+        ports: u32,
+    },
+}
+
+/// A process of the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// The node.
+    pub node_id: String,
+    /// Its behaviour.
+    pub machine: Machine,
+    /// Per input port, the channels into it.
+    pub inputs: Vec<Vec<usize>>,
+    /// Per output port, the channels out of it (a message on a port goes to each, in order).
+    pub outputs: Vec<Vec<usize>>,
+    /// Whether its behaviour was assumed (a component that declares none).
+    pub assumed: bool,
+}
+
+/// A channel of the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// The connection.
+    pub connection_id: String,
+    /// The sending process.
+    pub from: usize,
+    /// The receiving process.
+    pub to: usize,
+    /// Messages it holds (at least one).
+    pub capacity: u16,
+}
+
+/// A design as communicating processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Model {
+    /// One per node.
+    pub processes: Vec<Process>,
+    /// One per connection.
+    pub channels: Vec<Channel>,
+}
+
+/// The behaviour of a node of type `type_id` with `config` and output ports `outputs`, its
+/// sources sending at most `source_messages`; `None` for a type that declares none (then
+/// [`assumed`] is used).
+pub fn machine_for(
+    type_id: &str,
+    config: &Value,
+    outputs: &[String],
+    source_messages: u16,
+) -> Option<Machine> {
+    let count = |key: &str, default: u64| {
+        let n = config.get(key).and_then(Value::as_u64).unwrap_or(default);
+        n.min(u64::from(source_messages)) as u16
+    };
+    let size =
+        |key: &str, default: u64| config.get(key).and_then(Value::as_u64).unwrap_or(default).min(1024) as u16;
+    let data = data_ports(outputs);
+    let out = match outputs.iter().position(|p| p == "out") {
+        Some(i) if i < 32 => 1 << i,
+        _ => data,
+    };
+    Some(match type_id {
+        "source.input" => Machine::Source { count: source_messages, ports: out },
+        "source.constant" => Machine::Source { count: count("count", 1), ports: out },
+        "source.sequence" => Machine::Source { count: count("count", 0), ports: out },
+        "sink.output" | "sink.log" => Machine::Serve { writes: Writes::Nothing },
+        "transform.filter" => Machine::Serve { writes: Writes::OneOrNone(out) },
+        "control.switch" => Machine::Serve { writes: Writes::OneOrNone(data) },
+        "control.split" | "remote.call" => Machine::Serve { writes: Writes::UpTo { max: 2, ports: out } },
+        "control.join" => Machine::Join { ports: out },
+        "control.batch" => Machine::Collect { size: size("size", 1).max(1), ports: out },
+        "transform.reduce" => {
+            let each = config.get("emit").and_then(Value::as_str) == Some("each");
+            Machine::Collect { size: u16::from(each), ports: out }
+        }
+        "metrics.stats" => Machine::Collect { size: 0, ports: out },
+        "transform.set"
+        | "transform.map"
+        | "transform.template"
+        | "control.merge"
+        | "control.alt"
+        | "control.delay"
+        | "validate.json_schema"
+        | "metrics.counter"
+        | "ai.chat"
+        | "ai.analyze"
+        | "ai.agent"
+        | "ai.codegen" => Machine::Serve { writes: Writes::Each(out) },
+        _ => return None,
+    })
+}
+
+/// Every output port but `error`, as a mask.
+fn data_ports(outputs: &[String]) -> u32 {
+    outputs.iter().take(32).enumerate().filter(|(_, p)| *p != "error").fold(0, |mask, (i, _)| mask | 1 << i)
+}
+
+/// The behaviour assumed for a component that declares none: it may take a message from any
+/// input and write any number (up to two) to any of its outputs but `error` — every way it
+/// could use its ports.
+pub fn assumed(outputs: &[String]) -> Machine {
+    Machine::Serve { writes: Writes::UpTo { max: 2, ports: data_ports(outputs) } }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A model from `(node, machine, inputs, outputs)` and `(from, port, to, port, capacity)`.
+    fn model(
+        nodes: &[(&str, Machine, usize, usize)],
+        connections: &[(&str, usize, &str, usize, u16)],
+    ) -> Model {
+        let index = |id: &str| nodes.iter().position(|n| n.0 == id).unwrap();
+        let mut processes: Vec<Process> = nodes
+            .iter()
+            .map(|(id, machine, inputs, outputs)| Process {
+                node_id: (*id).into(),
+                machine: *machine,
+                inputs: vec![Vec::new(); *inputs],
+                outputs: vec![Vec::new(); *outputs],
+                assumed: false,
+            })
+            .collect();
+        let mut channels = Vec::new();
+        for (i, (from, out, to, input, capacity)) in connections.iter().enumerate() {
+            let (from, to) = (index(from), index(to));
+            processes[from].outputs[*out].push(i);
+            processes[to].inputs[*input].push(i);
+            channels.push(Channel { connection_id: format!("c{i}"), from, to, capacity: *capacity });
+        }
+        Model { processes, channels }
+    }
+
+    const SOURCE2: Machine = Machine::Source { count: 2, ports: 1 };
+    const MAP: Machine = Machine::Serve { writes: Writes::Each(1) };
+    const SINK: Machine = Machine::Serve { writes: Writes::Nothing };
+
+    fn run(model: &Model) -> Verdict {
+        check(model, 1_000_000, Duration::from_secs(10))
+    }
+
+    #[test]
+    fn pipelines_fan_out_and_joins_are_free() {
+        let pipeline = model(
+            &[("s", SOURCE2, 0, 1), ("m", MAP, 1, 1), ("k", SINK, 1, 0)],
+            &[("s", 0, "m", 0, 1), ("m", 0, "k", 0, 1)],
+        );
+        assert!(matches!(run(&pipeline), Verdict::Free { states } if states > 3));
+        // One port to two branches, joined again.
+        let diamond = model(
+            &[
+                ("s", SOURCE2, 0, 1),
+                ("a", MAP, 1, 1),
+                ("b", MAP, 1, 1),
+                ("j", Machine::Join { ports: 1 }, 2, 1),
+                ("k", SINK, 1, 0),
+            ],
+            &[
+                ("s", 0, "a", 0, 1),
+                ("s", 0, "b", 0, 1),
+                ("a", 0, "j", 0, 1),
+                ("b", 0, "j", 1, 1),
+                ("j", 0, "k", 0, 1),
+            ],
+        );
+        assert!(matches!(run(&diamond), Verdict::Free { .. }));
+        // A join whose inputs carry different numbers of messages ends with the shorter one.
+        let uneven = model(
+            &[
+                ("two", SOURCE2, 0, 1),
+                ("one", Machine::Source { count: 1, ports: 1 }, 0, 1),
+                ("j", Machine::Join { ports: 1 }, 2, 1),
+                ("k", SINK, 1, 0),
+            ],
+            &[("two", 0, "j", 0, 1), ("one", 0, "j", 1, 1), ("j", 0, "k", 0, 1)],
+        );
+        assert!(matches!(run(&uneven), Verdict::Free { .. }));
+        // Alt takes whichever input is ready.
+        let alt = model(
+            &[("a", SOURCE2, 0, 1), ("b", SOURCE2, 0, 1), ("alt", MAP, 2, 1), ("k", SINK, 1, 0)],
+            &[("a", 0, "alt", 0, 1), ("b", 0, "alt", 1, 1), ("alt", 0, "k", 0, 1)],
+        );
+        assert!(matches!(run(&alt), Verdict::Free { .. }));
+    }
+
+    /// `s` sends each message to the join's second input, then to a batch of two that feeds
+    /// the join's first: the join waits for the batch, the batch for `s`'s second message,
+    /// and `s` for room in the join's second input — unless that input holds two.
+    fn crossed(capacity: u16) -> Model {
+        model(
+            &[
+                ("s", SOURCE2, 0, 1),
+                ("batch", Machine::Collect { size: 2, ports: 1 }, 1, 1),
+                ("j", Machine::Join { ports: 1 }, 2, 1),
+                ("k", SINK, 1, 0),
+                // An unrelated pipeline that finishes: the deadlock is partial.
+                ("t", SOURCE2, 0, 1),
+                ("u", SINK, 1, 0),
+            ],
+            &[
+                ("s", 0, "j", 1, capacity),
+                ("s", 0, "batch", 0, 1),
+                ("batch", 0, "j", 0, 1),
+                ("j", 0, "k", 0, 1),
+                ("t", 0, "u", 0, 1),
+            ],
+        )
+    }
+
+    #[test]
+    fn a_join_fed_in_the_wrong_order_deadlocks_with_the_shortest_trace() {
+        let Verdict::Deadlock { trace, blocked, fill, .. } = run(&crossed(1)) else {
+            panic!("no deadlock found")
+        };
+        let steps: Vec<(usize, usize, StepAction)> =
+            trace.iter().map(|s| (s.process, s.channel, s.action)).collect();
+        assert_eq!(
+            steps,
+            [(0, 0, StepAction::Send), (0, 1, StepAction::Send), (1, 1, StepAction::Receive)],
+            "s sends to the join and the batch, the batch takes it; nothing else is needed"
+        );
+        assert_eq!(
+            blocked,
+            [
+                Blocked { process: 0, waiting_to: WaitingTo::Send, channels: vec![0] },
+                Blocked { process: 1, waiting_to: WaitingTo::Receive, channels: vec![1] },
+                Blocked { process: 2, waiting_to: WaitingTo::Receive, channels: vec![2] },
+                Blocked { process: 3, waiting_to: WaitingTo::Receive, channels: vec![3] },
+            ],
+            "t and u are not blocked: they end"
+        );
+        assert_eq!(fill, [1, 0, 0, 0, 0]);
+        // Room for both messages on the join's second input: free.
+        assert!(matches!(run(&crossed(2)), Verdict::Free { .. }));
+    }
+
+    #[test]
+    fn a_cycle_without_a_message_deadlocks_at_once() {
+        let ring = model(&[("a", MAP, 1, 1), ("b", MAP, 1, 1)], &[("a", 0, "b", 0, 1), ("b", 0, "a", 0, 1)]);
+        let Verdict::Deadlock { trace, blocked, .. } = run(&ring) else { panic!("no deadlock found") };
+        assert!(trace.is_empty());
+        assert_eq!(blocked.len(), 2);
+        assert!(blocked.iter().all(|b| b.waiting_to == WaitingTo::Receive));
+    }
+
+    #[test]
+    fn a_feedback_loop_deadlocks_when_its_buffers_fill() {
+        // s feeds a merge; the merge feeds f; f sends every message on and back to the merge.
+        // Messages in the loop never leave it, and s keeps adding: the loop fills up.
+        let feedback = |capacity: u16, count: u16| {
+            model(
+                &[
+                    ("s", Machine::Source { count, ports: 1 }, 0, 1),
+                    ("merge", MAP, 2, 1),
+                    ("f", MAP, 1, 1),
+                    ("k", SINK, 1, 0),
+                ],
+                &[
+                    ("s", 0, "merge", 0, 1),
+                    ("merge", 0, "f", 0, capacity),
+                    ("f", 0, "k", 0, capacity),
+                    ("f", 0, "merge", 1, capacity),
+                ],
+            )
+        };
+        // The loop holds four: one in each channel, one in each process. Four messages fill
+        // it; with room for eight in each channel they circle for ever without a deadlock.
+        assert!(matches!(run(&feedback(1, 4)), Verdict::Deadlock { .. }));
+        assert!(matches!(run(&feedback(1, 3)), Verdict::Free { .. }));
+        assert!(matches!(run(&feedback(8, 4)), Verdict::Free { .. }));
+    }
+
+    #[test]
+    fn a_search_over_its_cap_says_so() {
+        let many = Machine::Source { count: 60, ports: 1 };
+        let wide = model(
+            &[("a", many, 0, 1), ("b", many, 0, 1), ("k", SINK, 2, 0)],
+            &[("a", 0, "k", 0, 4), ("b", 0, "k", 1, 4)],
+        );
+        assert_eq!(check(&wide, 1_000, Duration::from_secs(10)), Verdict::CapReached { states: 1_000 });
+        assert!(matches!(run(&wide), Verdict::Free { .. }));
+    }
+}

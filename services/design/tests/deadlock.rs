@@ -1,0 +1,129 @@
+//! CheckDeadlock on designs with known answers, through the design service on both backends.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use csp_proto::design::v1 as pb;
+use csp_testkit::{TestEnv, authed};
+use serde_json::json;
+use tonic::Code;
+
+/// A connection of `capacity` messages.
+fn with_capacity(id: &str, from: &str, out: &str, to: &str, input: &str, capacity: i32) -> pb::Op {
+    let connection = pb::Connection { capacity, ..connection(id, from, out, to, input) };
+    pb::Op { op: Some(pb::op::Op::AddConnection(pb::AddConnectionOp { connection: Some(connection) })) }
+}
+
+/// `seq` sends each of its two messages to the join's `b` first, then to a batch of two that
+/// feeds the join's `a`; the join reads `a` first. With room for one message on `b`: the
+/// join waits for the batch, the batch for `seq`'s second message, `seq` for room on `b`.
+fn crossed(capacity: i32) -> Vec<pb::Op> {
+    vec![
+        add_node("seq", "source.sequence", json!({ "count": 2 })),
+        add_node("batch", "control.batch", json!({ "size": 2 })),
+        add_node("join", "control.join", json!({ "inputs": ["a", "b"] })),
+        add_node("out", "sink.output", json!({})),
+        with_capacity("to_b", "seq", "out", "join", "b", capacity),
+        with_capacity("to_batch", "seq", "out", "batch", "in", 1),
+        with_capacity("to_a", "batch", "out", "join", "a", 1),
+        with_capacity("joined", "join", "out", "out", "in", 1),
+    ]
+}
+
+async fn check(h: &Harness, token: &str, id: &str, max_states: i64) -> pb::CheckDeadlockResponse {
+    let request = pb::CheckDeadlockRequest { design_id: id.into(), revision: 0, max_states };
+    h.client.clone().check_deadlock(authed(request, token)).await.unwrap().into_inner()
+}
+
+async fn deadlocks_are_found_before_a_run_with_the_shortest_trace(env: TestEnv) {
+    let h = start(&env, |_| {}).await;
+    let alice = h.designer("alice");
+
+    let design = h.create(&alice, "Crossed").await;
+    h.apply(&alice, &design.id, 1, crossed(1)).await.unwrap();
+    let found = check(&h, &alice, &design.id, 0).await;
+    assert_eq!(found.verdict(), pb::DeadlockVerdict::DeadlockFound);
+    let steps: Vec<(&str, &str, &str, &str)> = found
+        .trace
+        .iter()
+        .map(|s| {
+            (s.action.as_str(), s.connection_id.as_str(), s.from_node_id.as_str(), s.to_node_id.as_str())
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("send", "to_b", "seq", "join"),
+            ("send", "to_batch", "seq", "batch"),
+            ("receive", "to_batch", "seq", "batch"),
+        ]
+    );
+    let blocked: Vec<(&str, &str, Vec<&str>)> = found
+        .blocked
+        .iter()
+        .map(|b| {
+            (b.node_id.as_str(), b.waiting_to.as_str(), b.connection_ids.iter().map(String::as_str).collect())
+        })
+        .collect();
+    assert_eq!(
+        blocked,
+        [
+            ("batch", "receive", vec!["to_batch"]),
+            ("join", "receive", vec!["to_a"]),
+            ("out", "receive", vec!["joined"]),
+            ("seq", "send", vec!["to_b"]),
+        ]
+    );
+    let full: Vec<(&str, i32, i32)> =
+        found.channels.iter().map(|c| (c.connection_id.as_str(), c.messages, c.capacity)).collect();
+    assert!(full.contains(&("to_b", 1, 1)), "{full:?}");
+    assert!(found.assumed_node_ids.is_empty());
+    assert_eq!(found.source_messages, 3);
+
+    // Room for both of seq's messages on `b`: no deadlock, and how much was explored.
+    let roomy = h.create(&alice, "Roomy").await;
+    h.apply(&alice, &roomy.id, 1, crossed(2)).await.unwrap();
+    let free = check(&h, &alice, &roomy.id, 0).await;
+    assert_eq!(free.verdict(), pb::DeadlockVerdict::DeadlockFree);
+    assert!(free.states_explored > 3, "{}", free.states_explored);
+    assert!(free.trace.is_empty() && free.blocked.is_empty());
+
+    // A search over the caller's cap says so.
+    let capped = check(&h, &alice, &roomy.id, 3).await;
+    assert_eq!(capped.verdict(), pb::DeadlockVerdict::StateCapReached);
+    assert_eq!(capped.states_explored, 3);
+
+    // A custom component declares no behaviour: it is assumed, and the answer says so.
+    let _component = h.register_sentiment("acme.sentiment").await;
+    let custom = h.create(&alice, "Custom").await;
+    h.apply(
+        &alice,
+        &custom.id,
+        1,
+        vec![
+            add_node("src", "source.constant", json!({ "value": { "text": "hi" } })),
+            add_node("score", "acme.sentiment", json!({})),
+            add_node("log", "sink.log", json!({})),
+            add_connection("c1", "src", "out", "score", "in"),
+            add_connection("c2", "score", "out", "log", "in"),
+        ],
+    )
+    .await
+    .unwrap();
+    let assumed = check(&h, &alice, &custom.id, 0).await;
+    assert_eq!(assumed.verdict(), pb::DeadlockVerdict::DeadlockFree);
+    assert_eq!(assumed.assumed_node_ids, ["score"]);
+
+    // Bad requests.
+    let request = pb::CheckDeadlockRequest { design_id: design.id.clone(), revision: 0, max_states: -1 };
+    let status = h.client.clone().check_deadlock(authed(request, &alice)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let bob = h.designer("bob");
+    let request = pb::CheckDeadlockRequest { design_id: design.id.clone(), revision: 0, max_states: 0 };
+    let status = h.client.clone().check_deadlock(authed(request, &bob)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "a design one cannot see is not there");
+}
+
+csp_testkit::backend_tests!(deadlocks_are_found_before_a_run_with_the_shortest_trace);
