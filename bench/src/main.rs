@@ -18,6 +18,8 @@
 //!   events delivered, coalesced and dropped (see `collab.rs`).
 //! - `ai`: the AI service's own latency over calling a provider directly, at 200 and 1,000
 //!   chats a second, and over a stream's first token (see `ai.rs`).
+//! - `deadlock`: the deadlock check's search, distinct states per second and time to a
+//!   verdict, on a 30-node pipeline with feedback (see `deadlock.rs`).
 
 #![allow(clippy::print_stdout)]
 
@@ -33,12 +35,24 @@ use csp_platform::{
 
 mod ai;
 mod collab;
+mod deadlock;
 mod design;
 mod executions;
 mod runtime;
 
-const WORKLOADS: &[&str] =
-    &["verify", "login", "design", "chain10", "fan", "chain10jq", "latency", "executions", "collab", "ai"];
+const WORKLOADS: &[&str] = &[
+    "verify",
+    "login",
+    "design",
+    "chain10",
+    "fan",
+    "chain10jq",
+    "latency",
+    "executions",
+    "collab",
+    "ai",
+    "deadlock",
+];
 
 /// See the workspace's Cargo.toml: messages cross worker threads.
 #[global_allocator]
@@ -65,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             "executions" => executions::run()?,
             "collab" => collab::run()?,
             "ai" => ai::run()?,
+            "deadlock" => deadlock::run()?,
             _ => unreachable!(),
         }
     }

@@ -8,10 +8,12 @@
 //! trace.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     rc::Rc,
     time::{Duration, Instant},
 };
+
+use rustc_hash::FxHashMap;
 
 use super::{Machine, Model, Writes};
 
@@ -102,11 +104,47 @@ pub fn check(model: &Model, max_states: u64, max_time: Duration) -> Verdict {
 struct Search<'m> {
     model: &'m Model,
     width: usize,
+    /// Per process, the channels of a write: `[0]` to every port of its mask, `[1 + i]` to
+    /// port `i` alone.
+    writes: Vec<Vec<Vec<usize>>>,
+    /// Per process, the channels it reads: `[0]` every input; for a join, `[1 + i]` port `i`.
+    reads: Vec<Vec<Vec<usize>>>,
 }
 
 impl<'m> Search<'m> {
     fn new(model: &'m Model) -> Self {
-        Self { model, width: model.processes.len() * PROCESS + model.channels.len() }
+        let writes = model
+            .processes
+            .iter()
+            .map(|process| {
+                let mask = match process.machine {
+                    Machine::Source { ports, .. }
+                    | Machine::Join { ports }
+                    | Machine::Collect { ports, .. } => ports,
+                    Machine::Serve {
+                        writes: Writes::Each(ports) | Writes::OneOrNone(ports) | Writes::UpTo { ports, .. },
+                    } => ports,
+                    Machine::Serve { writes: Writes::Nothing } => 0,
+                };
+                let all = process
+                    .outputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i < 32 && mask & (1 << i) != 0)
+                    .flat_map(|(_, channels)| channels.iter().copied())
+                    .collect();
+                std::iter::once(all).chain(process.outputs.iter().cloned()).collect()
+            })
+            .collect();
+        let reads = model
+            .processes
+            .iter()
+            .map(|process| {
+                let all = process.inputs.iter().flatten().copied().collect();
+                std::iter::once(all).chain(process.inputs.iter().cloned()).collect()
+            })
+            .collect();
+        Self { model, width: model.processes.len() * PROCESS + model.channels.len(), writes, reads }
     }
 
     fn run(&self, max_states: u64, max_time: Duration) -> Verdict {
@@ -114,7 +152,7 @@ impl<'m> Search<'m> {
         let mut initial = vec![0u16; self.width];
         self.settle(&mut initial);
         let initial: Rc<[u16]> = initial.into();
-        let mut seen: HashMap<Rc<[u16]>, u32> = HashMap::new();
+        let mut seen: FxHashMap<Rc<[u16]>, u32> = FxHashMap::default();
         // Per state: the state it was reached from and the step.
         let mut parents: Vec<(u32, Option<Step>)> = vec![(0, None)];
         let mut states: Vec<Rc<[u16]>> = vec![initial.clone()];
@@ -227,7 +265,8 @@ impl<'m> Search<'m> {
         } else {
             let channels = self
                 .reading(state, p)
-                .into_iter()
+                .iter()
+                .copied()
                 .filter(|&c| !(self.closed(state, c) && self.count(state, c) == 0))
                 .collect();
             (WaitingTo::Receive, channels)
@@ -236,50 +275,40 @@ impl<'m> Search<'m> {
 
     /// The channels a write of process `p` goes to, in order: every port of its mask, or the
     /// one chosen port.
-    fn write_channels(&self, p: usize, port: u16) -> Vec<usize> {
-        let process = &self.model.processes[p];
-        let mask = match process.machine {
-            Machine::Source { ports, .. } | Machine::Join { ports } | Machine::Collect { ports, .. } => ports,
-            Machine::Serve {
-                writes: Writes::Each(ports) | Writes::OneOrNone(ports) | Writes::UpTo { ports, .. },
-            } => ports,
-            Machine::Serve { writes: Writes::Nothing } => 0,
-        };
-        process
-            .outputs
-            .iter()
-            .enumerate()
-            .filter(
-                |(i, _)| {
-                    if port == ALL_PORTS { *i < 32 && mask & (1 << i) != 0 } else { *i == usize::from(port) }
-                },
-            )
-            .flat_map(|(_, channels)| channels.iter().copied())
-            .collect()
+    fn write_channels(&self, p: usize, port: u16) -> &[usize] {
+        let index = if port == ALL_PORTS { 0 } else { 1 + usize::from(port) };
+        self.writes[p].get(index).map_or(&[], Vec::as_slice)
     }
 
     /// The inputs process `p` reads from now.
-    fn reading(&self, state: &[u16], p: usize) -> Vec<usize> {
-        let process = &self.model.processes[p];
-        match process.machine {
-            Machine::Join { .. } => {
-                let port = usize::from(state[p * PROCESS + 4]);
-                process.inputs.get(port).cloned().unwrap_or_default()
-            }
-            _ => process.inputs.iter().flatten().copied().collect(),
-        }
+    fn reading(&self, state: &[u16], p: usize) -> &[usize] {
+        let index = match self.model.processes[p].machine {
+            Machine::Join { .. } => 1 + usize::from(state[p * PROCESS + 4]),
+            _ => 0,
+        };
+        self.reads[p].get(index).map_or(&[], Vec::as_slice)
     }
 
     /// Takes every step that changes only process-local state (and closes channels), until
     /// none is left.
     fn settle(&self, state: &mut [u16]) {
-        loop {
-            let mut changed = false;
-            for p in 0..self.model.processes.len() {
-                changed |= self.settle_one(state, p);
+        let all: Vec<usize> = (0..self.model.processes.len()).collect();
+        self.settle_from(state, all);
+    }
+
+    /// [`Self::settle`], starting from the processes in `pending` (those a communication
+    /// touched): a process that ends wakes the receivers of its outputs (they may end too) and
+    /// the senders of its inputs (their messages are now dropped).
+    fn settle_from(&self, state: &mut [u16], mut pending: Vec<usize>) {
+        while let Some(p) = pending.pop() {
+            if !self.settle_one(state, p) {
+                continue;
             }
-            if !changed {
-                return;
+            pending.push(p);
+            if self.ended(state, p) {
+                let process = &self.model.processes[p];
+                pending.extend(process.outputs.iter().flatten().map(|&c| self.model.channels[c].to));
+                pending.extend(process.inputs.iter().flatten().map(|&c| self.model.channels[c].from));
             }
         }
     }
@@ -368,12 +397,12 @@ impl<'m> Search<'m> {
                         let mut next = state.to_vec();
                         next[self.channel_field(c)] += 1;
                         next[base + 1] += 1;
-                        self.settle(&mut next);
+                        self.settle_from(&mut next, vec![p, self.model.channels[c].to]);
                         out.push((next, Step { process: p, channel: c, action: StepAction::Send }));
                     }
                 }
                 READY if !matches!(process.machine, Machine::Source { .. }) => {
-                    for c in self.reading(state, p) {
+                    for &c in self.reading(state, p) {
                         if self.count(state, c) == 0 {
                             continue;
                         }
@@ -381,7 +410,7 @@ impl<'m> Search<'m> {
                         let mut taken = state.to_vec();
                         taken[self.channel_field(c)] -= 1;
                         for mut next in self.after_receive(taken, p) {
-                            self.settle(&mut next);
+                            self.settle_from(&mut next, vec![p, self.model.channels[c].from]);
                             out.push((next, step));
                         }
                     }
