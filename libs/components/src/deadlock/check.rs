@@ -24,6 +24,9 @@ const CLOSED: u16 = 1 << 15;
 /// A write to every port of the mask (rather than to one chosen port).
 const ALL_PORTS: u16 = u16::MAX;
 
+/// Steps a deadlock's run is followed past the deadlock, to see who else ends up blocked.
+const CONTINUE_AT_MOST: usize = 100_000;
+
 /// Phases of a process.
 const READY: u16 = 0;
 const WRITING: u16 = 1;
@@ -82,9 +85,11 @@ pub enum Verdict {
     Deadlock {
         /// Distinct states explored.
         states: u64,
-        /// The shortest sequence of communications that reaches it.
+        /// The shortest sequence of communications after which some processes can never move
+        /// again.
         trace: Vec<Step>,
-        /// The processes that cannot move (the others have ended).
+        /// The processes blocked for good once the others have gone on as far as they can
+        /// (those others have ended).
         blocked: Vec<Blocked>,
         /// How many messages each channel holds then.
         fill: Vec<u16>,
@@ -166,8 +171,7 @@ impl<'m> Search<'m> {
             let state = states[at as usize].clone();
             moves.clear();
             self.moves(&state, &mut moves);
-            let stuck = self.stuck(&state, &moves);
-            if !stuck.is_empty() {
+            if !self.stuck(&state, &moves).is_empty() {
                 let mut trace = Vec::new();
                 let mut cursor = at;
                 while let (parent, Some(step)) = parents[cursor as usize] {
@@ -175,17 +179,31 @@ impl<'m> Search<'m> {
                     cursor = parent;
                 }
                 trace.reverse();
+                // The stuck stay stuck; the rest go on until nothing can move (or, if some
+                // go on for ever, for a while): who is blocked then, and how full the
+                // channels are.
+                let mut last = state.to_vec();
+                let mut more = std::mem::take(&mut moves);
+                let mut steps = 0;
+                while let Some((next, _)) = more.pop() {
+                    last = next;
+                    more.clear();
+                    steps += 1;
+                    if steps > CONTINUE_AT_MOST {
+                        break;
+                    }
+                    self.moves(&last, &mut more);
+                }
+                let blocked = if more.is_empty() {
+                    (0..self.model.processes.len()).filter(|&p| !self.ended(&last, p)).collect()
+                } else {
+                    self.stuck(&last, &more)
+                };
                 return Verdict::Deadlock {
                     states: states.len() as u64,
                     trace,
-                    blocked: self.blocked(&state, &stuck),
-                    fill: self
-                        .model
-                        .channels
-                        .iter()
-                        .enumerate()
-                        .map(|(c, _)| self.count(&state, c))
-                        .collect(),
+                    blocked: self.blocked(&last, &blocked),
+                    fill: (0..self.model.channels.len()).map(|c| self.count(&last, c)).collect(),
                 };
             }
             for (next, step) in moves.drain(..) {

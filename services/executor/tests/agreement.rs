@@ -1,0 +1,163 @@
+//! The deadlock checker and the runtime agree: many small random designs, each run through
+//! the checker (`csp_components::deadlock`, as CheckDeadlock uses it) and through the real
+//! runtime with the same capacities and inputs. Every design called deadlock-free completes;
+//! every design called deadlocking ends DEADLOCKED with the same blocked nodes.
+//!
+//! The designs use the components whose runs do not depend on timing (sequences, maps,
+//! joins, batches, sinks: each reads its inputs in a fixed order, a Kahn process network), so
+//! one run of the runtime shows what every run does. The runtime moves one message per channel
+//! operation (`batch: 1`), as the model does.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::BTreeSet, time::Duration};
+
+use csp_components::deadlock::{self, Model, Process, Verdict};
+use csp_executor::runtime::{Debugger, Ending, Network, Options, Plan, PlanConnection, PlanNode, Services};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Designs generated and compared.
+const DESIGNS: u64 = 500;
+/// Messages a source sends at most (the checker's bound, so the two see the same inputs).
+const SOURCE_MESSAGES: u16 = 3;
+
+/// A random design: one or two sequences, one to four of map, join and batch, one sink; every
+/// input fed by one connection from a random node (cycles included), capacities 1 to 3.
+fn design(rng: &mut StdRng) -> Plan {
+    let mut nodes: Vec<(String, &str, Value, Vec<&str>)> = Vec::new();
+    for i in 0..rng.random_range(1..=2) {
+        let count = rng.random_range(1..=u64::from(SOURCE_MESSAGES));
+        nodes.push((format!("seq{i}"), "source.sequence", json!({ "count": count }), vec![]));
+    }
+    for i in 0..rng.random_range(1..=4) {
+        nodes.push(match rng.random_range(0..3) {
+            0 => (format!("map{i}"), "transform.map", json!({ "expression": "." }), vec!["in"]),
+            1 => (format!("join{i}"), "control.join", json!({ "inputs": ["a", "b"] }), vec!["a", "b"]),
+            _ => {
+                let size = rng.random_range(1..=3);
+                (format!("batch{i}"), "control.batch", json!({ "size": size }), vec!["in"])
+            }
+        });
+    }
+    nodes.push(("sink".into(), "sink.output", json!({}), vec!["in"]));
+    let mut connections = Vec::new();
+    for (position, (id, _, _, inputs)) in nodes.iter().enumerate() {
+        for input in inputs {
+            // Mostly from a node before this one (a pipeline), sometimes from any (a cycle).
+            let upto = if rng.random_bool(0.7) { position } else { nodes.len() - 1 };
+            let candidates: Vec<&String> =
+                nodes[..upto].iter().filter(|n| n.0 != *id && n.1 != "sink.output").map(|n| &n.0).collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let from = candidates[rng.random_range(0..candidates.len())].clone();
+            connections.push(PlanConnection {
+                id: format!("c{}", connections.len()),
+                from,
+                from_port: "out".into(),
+                to: id.clone(),
+                to_port: (*input).into(),
+                capacity: rng.random_range(1..=3),
+            });
+        }
+    }
+    Plan {
+        nodes: nodes
+            .into_iter()
+            .map(|(id, type_id, config, _)| PlanNode { id, type_id: type_id.into(), config, remote: None })
+            .collect(),
+        connections,
+    }
+}
+
+/// The checker's model of a plan, built as CheckDeadlock builds it from a design.
+fn model(plan: &Plan) -> Model {
+    let mut processes: Vec<Process> = plan
+        .nodes
+        .iter()
+        .map(|node| {
+            let spec = csp_components::builtin(&node.type_id).unwrap();
+            let (inputs, outputs) = csp_components::ports_for(spec, &node.config);
+            let outputs: Vec<String> = outputs.into_iter().map(|p| p.name).collect();
+            Process {
+                node_id: node.id.clone(),
+                machine: deadlock::machine_for(&node.type_id, &node.config, &outputs, SOURCE_MESSAGES)
+                    .unwrap(),
+                inputs: vec![Vec::new(); inputs.len()],
+                outputs: vec![Vec::new(); outputs.len()],
+                assumed: false,
+            }
+        })
+        .collect();
+    let mut channels = Vec::new();
+    for (c, connection) in plan.connections.iter().enumerate() {
+        let index = |id: &str| plan.nodes.iter().position(|n| n.id == id).unwrap();
+        let (from, to) = (index(&connection.from), index(&connection.to));
+        let spec = csp_components::builtin(&plan.nodes[to].type_id).unwrap();
+        let (inputs, _) = csp_components::ports_for(spec, &plan.nodes[to].config);
+        let input = inputs.iter().position(|p| p.name == connection.to_port).unwrap();
+        processes[from].outputs[0].push(c);
+        processes[to].inputs[input].push(c);
+        channels.push(deadlock::Channel {
+            connection_id: connection.id.clone(),
+            from,
+            to,
+            capacity: connection.capacity as u16,
+        });
+    }
+    Model { processes, channels }
+}
+
+/// How the runtime ends the plan, and the nodes it reports blocked.
+async fn run(plan: &Plan) -> (Ending, BTreeSet<String>) {
+    let (tx, mut rx) = mpsc::channel(1024);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let options = Options { batch: 1, timeout: Duration::from_secs(30), ..Options::default() };
+    let network = Network::build(plan, options, Services::default(), Debugger::new([]), tx).unwrap();
+    let outcome = network.run(CancellationToken::new()).await;
+    let blocked = outcome.error.map(|e| e.blocked_node_ids.into_iter().collect()).unwrap_or_default();
+    (outcome.ending, blocked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_and_the_runtime_agree_on_random_designs() {
+    let mut rng = StdRng::seed_from_u64(0x00c5_9de5);
+    let plans: Vec<Plan> = (0..DESIGNS).map(|_| design(&mut rng)).collect();
+    let (mut free, mut deadlocked) = (0, 0);
+    // Several at once: a deadlock takes the runtime's detector a few looks to call.
+    for chunk in plans.chunks(16) {
+        let runs = futures::future::join_all(chunk.iter().map(run)).await;
+        for (plan, (ending, blocked)) in chunk.iter().zip(runs) {
+            let described = serde_json::to_string(
+                &plan
+                    .connections
+                    .iter()
+                    .map(|c| format!("{}.{} -> {}.{} ({})", c.from, c.from_port, c.to, c.to_port, c.capacity))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let types: Vec<String> =
+                plan.nodes.iter().map(|n| format!("{} {} {}", n.id, n.type_id, n.config)).collect();
+            match deadlock::check(&model(plan), 1_000_000, Duration::from_secs(10)) {
+                Verdict::Free { .. } => {
+                    free += 1;
+                    assert_eq!(ending, Ending::Succeeded, "called free: {types:?} {described}");
+                }
+                Verdict::Deadlock { blocked: predicted, .. } => {
+                    deadlocked += 1;
+                    let model = model(plan);
+                    let predicted: BTreeSet<String> =
+                        predicted.iter().map(|b| model.processes[b.process].node_id.clone()).collect();
+                    assert_eq!(ending, Ending::Deadlocked, "called deadlocking: {types:?} {described}");
+                    assert_eq!(blocked, predicted, "{types:?} {described}");
+                }
+                Verdict::CapReached { states } => panic!("a small design passed the cap ({states} states)"),
+            }
+        }
+    }
+    // Both answers are well represented.
+    assert!(free >= 50 && deadlocked >= 50, "{free} free, {deadlocked} deadlocked");
+}
