@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// Designs generated and compared.
 const DESIGNS: u64 = 500;
 /// Messages a source sends at most (the checker's bound, so the two see the same inputs).
-const SOURCE_MESSAGES: u16 = 3;
+const SOURCE_MESSAGES: u16 = 5;
 
 /// A random design: one or two sequences, one to four of map, join and batch, one sink; every
 /// input fed by one connection from a random node (cycles included), capacities 1 to 3.
@@ -161,3 +161,65 @@ async fn the_checker_and_the_runtime_agree_on_random_designs() {
     // Both answers are well represented.
     assert!(free >= 50 && deadlocked >= 50, "{free} free, {deadlocked} deadlocked");
 }
+
+/// The SPIN model checker, if installed (CI installs it; elsewhere the test says it skipped).
+fn spin() -> bool {
+    let found = std::process::Command::new("spin").arg("-V").output().is_ok_and(|o| o.status.success());
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "CI needs the SPIN model checker (Debian package spin)"
+    );
+    found
+}
+
+/// Whether SPIN finds an invalid end state (a deadlock) in the Promela export of `model`.
+fn spin_finds_a_deadlock(model: &Model) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.pml"), deadlock::promela(model)).unwrap();
+    let run = |program: &str, args: &[&str]| {
+        let output = std::process::Command::new(program).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(output.status.success(), "{program}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    run("spin", &["-a", "model.pml"]);
+    run("cc", &["-O0", "-DSAFETY", "-DNOFAIR", "-o", "pan", "pan.c"]);
+    let report = run("./pan", &["-m100000"]);
+    // "errors: 0", or the error found: "pan:1: invalid end state (at depth N)".
+    match (report.contains("errors: 0"), report.contains("pan:1: invalid end state")) {
+        (true, false) => false,
+        (false, true) => true,
+        _ => panic!("an unexpected SPIN report:\n{report}\n{}", deadlock::promela(model)),
+    }
+}
+
+/// The Promela export, verified by SPIN, gives the checker's answer on generated designs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_gives_the_checkers_answer_on_random_designs() {
+    if !spin() {
+        eprintln!("skipped: no spin");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(0x5b1d_0c5e);
+    let models: Vec<Model> = (0..SPIN_DESIGNS).map(|_| model(&design(&mut rng))).collect();
+    // A few at once: each is a C compile.
+    let mut checked = Vec::new();
+    for chunk in models.chunks(4) {
+        let runs = chunk.iter().cloned().map(|model| {
+            tokio::task::spawn_blocking(move || {
+                let verdict = deadlock::check(&model, 1_000_000, Duration::from_secs(10));
+                (matches!(verdict, Verdict::Deadlock { .. }), spin_finds_a_deadlock(&model), model)
+            })
+        });
+        checked.extend(futures::future::join_all(runs).await);
+    }
+    let mut deadlocks = 0;
+    for joined in checked {
+        let (ours, spins, model) = joined.unwrap();
+        assert_eq!(ours, spins, "the checker and SPIN disagree on:\n{}", deadlock::promela(&model));
+        deadlocks += usize::from(ours);
+    }
+    assert!(deadlocks >= 20 && deadlocks + 20 <= SPIN_DESIGNS as usize, "{deadlocks} deadlocks");
+}
+
+/// Designs checked with SPIN (each is compiled: fewer than the runtime's).
+const SPIN_DESIGNS: u64 = 300;

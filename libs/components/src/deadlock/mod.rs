@@ -14,8 +14,10 @@
 //! (others may have ended: a partial deadlock).
 
 mod check;
+mod promela;
 
 pub use check::{Blocked, Step, StepAction, Verdict, WaitingTo, check};
+pub use promela::promela;
 
 use serde_json::Value;
 
