@@ -928,6 +928,8 @@ pub struct DeadlockSettings {
     pub source_messages: u16,
     /// Capacity of connections that declare none (the executor's default).
     pub default_capacity: u16,
+    /// States ValidateDesign explores (it reports a deadlock only if found within them).
+    pub validate_max_states: u64,
 }
 
 impl Default for DeadlockSettings {
@@ -937,6 +939,7 @@ impl Default for DeadlockSettings {
             max_time: Duration::from_secs(5),
             source_messages: 3,
             default_capacity: 16,
+            validate_max_states: 20_000,
         }
     }
 }

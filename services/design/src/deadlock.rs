@@ -10,7 +10,7 @@ use crate::{
     designs::Designs,
     error::Error,
     model::Document,
-    validate::{Credentials, NodeInfo},
+    validate::{Credentials, Finding, NodeInfo},
 };
 
 /// The search's answer, in the design's terms.
@@ -52,6 +52,54 @@ impl Designs {
                 .await
                 .map_err(|e| Error::Internal(format!("the deadlock search stopped: {e}")))?;
         Ok(Checked { verdict, model, assumed, source_messages: settings.source_messages })
+    }
+}
+
+impl Designs {
+    /// ValidateDesign's deadlock finding: a search of at most `design.deadlock.validate_max_states`
+    /// states. A deadlock found is an error (`deadlock`) when every run of the design meets it
+    /// (its processes read in fixed orders and write without choices), else a warning
+    /// (`deadlock_possible`); no deadlock found within the bound says nothing.
+    pub(crate) async fn deadlock_finding(
+        &self,
+        document: &Document,
+        infos: &BTreeMap<String, NodeInfo>,
+    ) -> Result<Option<Finding>, Error> {
+        let settings = self.limits.deadlock.clone();
+        let model = build(document, infos, settings.source_messages, settings.default_capacity);
+        let searched = model.clone();
+        let max_states = settings.validate_max_states;
+        let max_time = settings.max_time.min(std::time::Duration::from_millis(500));
+        let verdict = tokio::task::spawn_blocking(move || model::check(&searched, max_states, max_time))
+            .await
+            .map_err(|e| Error::Internal(format!("the deadlock search stopped: {e}")))?;
+        let Verdict::Deadlock { trace, blocked, .. } = verdict else { return Ok(None) };
+        let waits: Vec<String> = blocked
+            .iter()
+            .take(5)
+            .map(|b| {
+                let on: Vec<&str> =
+                    b.channels.iter().map(|&c| model.channels[c].connection_id.as_str()).collect();
+                format!(
+                    "`{}` waits to {} on `{}`",
+                    model.processes[b.process].node_id,
+                    waiting(b.waiting_to),
+                    on.join("`, `")
+                )
+            })
+            .collect();
+        let more = if blocked.len() > 5 { format!(" and {} more", blocked.len() - 5) } else { String::new() };
+        let story = format!(
+            "after {} message moves {}{more} for ever (CheckDeadlock shows how)",
+            trace.len(),
+            waits.join(", ")
+        );
+        let first = blocked.first().map(|b| model.processes[b.process].node_id.clone()).unwrap_or_default();
+        Ok(Some(if model.determinate() {
+            Finding::error("deadlock", format!("the design deadlocks on every run: {story}")).node(&first)
+        } else {
+            Finding::warning("deadlock_possible", format!("the design can deadlock: {story}")).node(&first)
+        }))
     }
 }
 

@@ -81,15 +81,15 @@ impl Finding {
         }
     }
 
-    fn error(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn error(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(Severity::Error, code, message)
     }
 
-    fn warning(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn warning(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(Severity::Warning, code, message)
     }
 
-    fn node(mut self, id: &str) -> Self {
+    pub(crate) fn node(mut self, id: &str) -> Self {
         self.node_id = id.to_owned();
         self
     }
@@ -310,6 +310,10 @@ impl Designs {
 
         // 4. The graph.
         findings.extend(graph_findings(document, &infos));
+        // 5. A deadlock within a small search, when nothing else is wrong.
+        if !findings.iter().any(|f| f.severity == Severity::Error) {
+            findings.extend(self.deadlock_finding(document, &infos).await?);
+        }
         findings.sort_by(|a, b| {
             (a.severity, &a.node_id, &a.connection_id, a.code, &a.port, &a.message).cmp(&(
                 b.severity,

@@ -81,6 +81,13 @@ async fn deadlocks_are_found_before_a_run_with_the_shortest_trace(env: TestEnv) 
     assert!(full.contains(&("to_b", 1, 1)), "{full:?}");
     assert!(found.assumed_node_ids.is_empty());
     assert_eq!(found.source_messages, 3);
+    // ValidateDesign finds it too: every run of this design deadlocks (each node reads in a
+    // fixed order), so it is an error, and StartExecution refuses the design.
+    let verdict = h.validate(&alice, &design.id).await.unwrap();
+    assert!(!verdict.valid);
+    let finding = verdict.findings.iter().find(|f| f.code == "deadlock").expect("a deadlock finding");
+    assert_eq!(finding.severity(), pb::Severity::Error);
+    assert!(finding.message.contains("`seq` waits to send on `to_b`"), "{}", finding.message);
 
     // Room for both of seq's messages on `b`: no deadlock, and how much was explored.
     let roomy = h.create(&alice, "Roomy").await;
@@ -89,6 +96,8 @@ async fn deadlocks_are_found_before_a_run_with_the_shortest_trace(env: TestEnv) 
     assert_eq!(free.verdict(), pb::DeadlockVerdict::DeadlockFree);
     assert!(free.states_explored > 3, "{}", free.states_explored);
     assert!(free.trace.is_empty() && free.blocked.is_empty());
+    let verdict = h.validate(&alice, &roomy.id).await.unwrap();
+    assert!(verdict.valid, "{:?}", verdict.findings);
 
     // A search over the caller's cap says so.
     let capped = check(&h, &alice, &roomy.id, 3).await;

@@ -438,8 +438,15 @@ async fn a_deadlocked_design_ends_deadlocked(env: TestEnv) {
             ],
         )
         .await;
-    let execution =
-        h.run(&alice, pb::StartExecutionRequest { design_id: design, ..Default::default() }).await.unwrap();
+    // ValidateDesign calls it a certain deadlock: a start is refused unless asked to run anyway.
+    let refused = h
+        .run(&alice, pb::StartExecutionRequest { design_id: design.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("deadlocks on every run"), "{}", refused.message());
+    let request = pb::StartExecutionRequest { design_id: design, run_invalid: true, ..Default::default() };
+    let execution = h.run(&alice, request).await.unwrap();
     let events = h.watch(&alice, &execution.id, "").await;
     assert_eq!(status_of(events.last().unwrap()), Some(pb::ExecutionStatus::Deadlocked));
     let done = h.get(&alice, &execution.id).await;

@@ -111,6 +111,28 @@ pub struct Model {
     pub channels: Vec<Channel>,
 }
 
+impl Model {
+    /// Whether every run of the model does the same: each process reads its inputs in an
+    /// order of its own (one channel at a time) and writes without choices, and none is
+    /// assumed — a Kahn process network. Then a deadlock the search finds happens on every
+    /// run; otherwise only on some.
+    pub fn determinate(&self) -> bool {
+        self.processes.iter().all(|p| {
+            let single_inputs = p.inputs.iter().all(|port| port.len() <= 1);
+            !p.assumed
+                && match p.machine {
+                    Machine::Source { .. } => true,
+                    Machine::Join { .. } => single_inputs,
+                    Machine::Collect { .. } => p.inputs.iter().flatten().count() <= 1,
+                    Machine::Serve { writes: Writes::Each(_) | Writes::Nothing } => {
+                        p.inputs.iter().flatten().count() <= 1
+                    }
+                    Machine::Serve { .. } => false,
+                }
+        })
+    }
+}
+
 /// The behaviour of a node of type `type_id` with `config` and output ports `outputs`, its
 /// sources sending at most `source_messages`; `None` for a type that declares none (then
 /// [`assumed`] is used).
