@@ -26,6 +26,23 @@ pub(crate) struct Checked {
 }
 
 impl Designs {
+    /// The model of `document` (its ports resolved by the registry), and the nodes whose
+    /// behaviour it assumes.
+    pub(crate) async fn model_of(
+        &self,
+        p: &csp_platform::auth::Principal,
+        credentials: &Credentials,
+        design_id: &str,
+        document: &Document,
+    ) -> Result<(Model, Vec<String>), Error> {
+        let mut findings = Vec::new();
+        let infos = self.resolve(p, credentials, design_id, document, &mut findings).await?;
+        let settings = &self.limits.deadlock;
+        let model = build(document, &infos, settings.source_messages, settings.default_capacity);
+        let assumed = model.processes.iter().filter(|p| p.assumed).map(|p| p.node_id.clone()).collect();
+        Ok((model, assumed))
+    }
+
     /// Searches `document` for a deadlock, exploring at most `max_states` (0: the configured
     /// bound; never more than it).
     pub(crate) async fn check_deadlock(
@@ -36,12 +53,8 @@ impl Designs {
         document: &Document,
         max_states: u64,
     ) -> Result<Checked, Error> {
-        let mut findings = Vec::new();
-        let infos = self.resolve(p, credentials, design_id, document, &mut findings).await?;
         let settings = self.limits.deadlock.clone();
-        let model = build(document, &infos, settings.source_messages, settings.default_capacity);
-        let assumed: Vec<String> =
-            model.processes.iter().filter(|p| p.assumed).map(|p| p.node_id.clone()).collect();
+        let (model, assumed) = self.model_of(p, credentials, design_id, document).await?;
         let max_states = match max_states {
             0 => settings.max_states,
             n => n.min(settings.max_states),

@@ -714,6 +714,23 @@ impl DesignService for DesignApi {
         Ok(Response::new(deadlock_response(checked)))
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn export_promela(
+        &self,
+        request: Request<pb::ExportPromelaRequest>,
+    ) -> Result<Response<pb::ExportPromelaResponse>, Status> {
+        let p = require(&request, Permission::DesignRead)?;
+        let credentials = credentials(&request);
+        let r = request.into_inner();
+        let (design, _) = self.designs.at_revision(&p, &r.design_id, r.revision, "revision").await?;
+        let (model, assumed) = self.designs.model_of(&p, &credentials, &design.id, &design.document).await?;
+        Ok(Response::new(pb::ExportPromelaResponse {
+            model: csp_components::deadlock::promela(&model),
+            assumed_node_ids: assumed,
+            source_messages: i32::from(self.designs.limits.deadlock.source_messages),
+        }))
+    }
+
     // The CSPm export is not built yet.
     csp_proto::unimplemented_rpcs! {
         export_cspm(pb::ExportCspmRequest) -> pb::ExportCspmResponse;

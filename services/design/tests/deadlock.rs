@@ -32,6 +32,35 @@ fn crossed(capacity: i32) -> Vec<pb::Op> {
     ]
 }
 
+/// SPIN's verdict on a Promela model: whether it finds an invalid end state (a deadlock);
+/// `None` where SPIN is not installed (CI installs it).
+fn spin_finds_a_deadlock(model: &str) -> Option<bool> {
+    let installed = std::process::Command::new("spin").arg("-V").output().is_ok_and(|o| o.status.success());
+    assert!(
+        installed || std::env::var_os("CI").is_none(),
+        "CI needs the SPIN model checker (Debian package spin)"
+    );
+    if !installed {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.pml"), model).unwrap();
+    let run = |program: &str, args: &[&str]| {
+        let output = std::process::Command::new(program).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(output.status.success(), "{program}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    run("spin", &["-a", "model.pml"]);
+    run("cc", &["-O0", "-DSAFETY", "-o", "pan", "pan.c"]);
+    let report = run("./pan", &[]);
+    Some(report.contains("pan:1: invalid end state"))
+}
+
+async fn export(h: &Harness, token: &str, id: &str) -> pb::ExportPromelaResponse {
+    let request = pb::ExportPromelaRequest { design_id: id.into(), revision: 0 };
+    h.client.clone().export_promela(authed(request, token)).await.unwrap().into_inner()
+}
+
 async fn check(h: &Harness, token: &str, id: &str, max_states: i64) -> pb::CheckDeadlockResponse {
     let request = pb::CheckDeadlockRequest { design_id: id.into(), revision: 0, max_states };
     h.client.clone().check_deadlock(authed(request, token)).await.unwrap().into_inner()
@@ -98,6 +127,14 @@ async fn deadlocks_are_found_before_a_run_with_the_shortest_trace(env: TestEnv) 
     assert!(free.trace.is_empty() && free.blocked.is_empty());
     let verdict = h.validate(&alice, &roomy.id).await.unwrap();
     assert!(verdict.valid, "{:?}", verdict.findings);
+
+    // The same two designs in Promela: SPIN finds the deadlock, and only in the first.
+    let exported = export(&h, &alice, &design.id).await;
+    assert_eq!(exported.model.matches("proctype").count(), 4);
+    assert!(exported.model.contains("chan c0 = [1] of { bit }"), "{}", exported.model);
+    assert!(spin_finds_a_deadlock(&exported.model).unwrap_or(true), "{}", exported.model);
+    let exported = export(&h, &alice, &roomy.id).await;
+    assert!(!spin_finds_a_deadlock(&exported.model).unwrap_or(false), "{}", exported.model);
 
     // A search over the caller's cap says so.
     let capped = check(&h, &alice, &roomy.id, 3).await;
