@@ -236,7 +236,9 @@ impl GrpcServer {
         let checked: HttpService = if name == "gateway" {
             limited
         } else {
-            BoxCloneSyncService::new(crate::text::NulTextLayer.layer(limited))
+            BoxCloneSyncService::new(
+                crate::text::NulTextLayer::new(settings.max_message_bytes).layer(limited),
+            )
         };
         let authenticated: HttpService = match auth {
             Some(auth) => BoxCloneSyncService::new(auth.layer(checked)),

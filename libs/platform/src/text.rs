@@ -156,9 +156,15 @@ fn varint(bytes: &mut &[u8]) -> Option<u64> {
 }
 
 /// The text field holding a NUL byte in a gRPC request body of `path`, if any.
+#[cfg(test)]
 fn nul_in_request(path: &str, body: &[u8]) -> Option<String> {
+    nul_in_message(*SCHEMAS.inputs.get(path)?, body)
+}
+
+/// The text field holding a NUL byte in a gRPC request body whose message is of type
+/// `message`, if any.
+fn nul_in_message(message: usize, body: &[u8]) -> Option<String> {
     let schemas = &*SCHEMAS;
-    let message = *schemas.inputs.get(path)?;
     // One frame: a compression flag (compressed messages are not looked into), a length.
     let (&compressed, rest) = body.split_first()?;
     if compressed != 0 {
@@ -169,14 +175,24 @@ fn nul_in_request(path: &str, body: &[u8]) -> Option<String> {
 }
 
 /// Refuses requests whose text holds a NUL byte (see the module docs).
-#[derive(Debug, Clone, Default)]
-pub struct NulTextLayer;
+#[derive(Debug, Clone)]
+pub struct NulTextLayer {
+    max_message_bytes: usize,
+}
+
+impl NulTextLayer {
+    /// Reads request messages up to `max_message_bytes` (the server's limit): a larger one is
+    /// RESOURCE_EXHAUSTED before more of it is held.
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self { max_message_bytes }
+    }
+}
 
 impl<S> Layer<S> for NulTextLayer {
     type Service = NulText<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        NulText { inner }
+        NulText { inner, max_message_bytes: self.max_message_bytes }
     }
 }
 
@@ -184,6 +200,7 @@ impl<S> Layer<S> for NulTextLayer {
 #[derive(Debug, Clone)]
 pub struct NulText<S> {
     inner: S,
+    max_message_bytes: usize,
 }
 
 impl<S> Service<Request<Body>> for NulText<S>
@@ -200,19 +217,30 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        if !SCHEMAS.inputs.contains_key(request.uri().path()) {
+        let Some(&message) = SCHEMAS.inputs.get(request.uri().path()) else {
             return Box::pin(self.inner.call(request));
-        }
+        };
         // The clone is ready only after `poll_ready`; the polled one goes to this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // One message and its 5-byte frame header, no more.
+        let limit = self.max_message_bytes.saturating_add(5);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let bytes: Bytes = match body.collect().await {
+            let bytes: Bytes = match http_body_util::Limited::new(body, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),
-                Err(status) => return Ok(status.into_http()),
+                Err(error) => {
+                    let status = match error.downcast::<tonic::Status>() {
+                        Ok(status) => *status,
+                        Err(_) => tonic::Status::resource_exhausted(format!(
+                            "the request is larger than the server's limit of {} bytes",
+                            limit - 5
+                        )),
+                    };
+                    return Ok(status.into_http());
+                }
             };
-            if let Some(field) = nul_in_request(parts.uri.path(), &bytes) {
+            if let Some(field) = nul_in_message(message, &bytes) {
                 let status: tonic::Status =
                     ApiError::invalid_field(field, "contains a NUL character, which cannot be stored").into();
                 return Ok(status.into_http());
@@ -261,5 +289,32 @@ mod tests {
         assert!(found.starts_with("ops.add_node.node.config.fields."), "{found}");
         // Bytes fields and unknown paths are not text.
         assert_eq!(nul_in_request("/nobody.Knows/This", &framed(&named)), None);
+    }
+
+    /// What answers `request` through the layer (an inner service that answers OK).
+    async fn through(max_message_bytes: usize, body: Vec<u8>) -> tonic::Status {
+        let inner = tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, Infallible>(tonic::Status::ok("reached").into_http())
+        });
+        let mut service = NulTextLayer::new(max_message_bytes).layer(inner);
+        let request = Request::builder()
+            .uri("/csp.design.v1.DesignService/CreateDesign")
+            .body(Body::new(http_body_util::Full::new(Bytes::from(body))))
+            .unwrap();
+        let response = service.call(request).await.unwrap();
+        tonic::Status::from_header_map(response.headers()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_limit_is_refused_before_it_is_held() {
+        use csp_proto::design::v1 as pb;
+        let small = framed(&pb::CreateDesignRequest { name: "fits".into(), ..Default::default() });
+        assert_eq!(through(1024, small).await.message(), "reached");
+        let big = framed(&pb::CreateDesignRequest { name: "x".repeat(4096), ..Default::default() });
+        let status = through(1024, big).await;
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("limit of 1024 bytes"), "{}", status.message());
+        let nul = framed(&pb::CreateDesignRequest { name: "a\0b".into(), ..Default::default() });
+        assert_eq!(through(1024, nul).await.code(), tonic::Code::InvalidArgument);
     }
 }

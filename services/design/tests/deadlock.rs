@@ -136,6 +136,21 @@ async fn deadlocks_are_found_before_a_run_with_the_shortest_trace(env: TestEnv) 
     let exported = export(&h, &alice, &roomy.id).await;
     assert!(!spin_finds_a_deadlock(&exported.model).unwrap_or(false), "{}", exported.model);
 
+    // With a filter on the way to the batch, only some runs deadlock (those where the filter
+    // lets both messages through): a warning, and the design may run.
+    let filtered = h.create(&alice, "Filtered").await;
+    let mut ops = crossed(1);
+    ops.retain(|op| !matches!(&op.op, Some(pb::op::Op::AddConnection(c)) if c.connection.as_ref().unwrap().id == "to_batch"));
+    ops.push(add_node("keep", "transform.filter", json!({ "expression": "true" })));
+    ops.push(with_capacity("to_keep", "seq", "out", "keep", "in", 1));
+    ops.push(with_capacity("to_batch", "keep", "out", "batch", "in", 1));
+    h.apply(&alice, &filtered.id, 1, ops).await.unwrap();
+    let verdict = h.validate(&alice, &filtered.id).await.unwrap();
+    assert!(verdict.valid, "{:?}", verdict.findings);
+    let finding =
+        verdict.findings.iter().find(|f| f.code == "deadlock_possible").expect("a possible deadlock");
+    assert_eq!(finding.severity(), pb::Severity::Warning);
+
     // A search over the caller's cap says so.
     let capped = check(&h, &alice, &roomy.id, 3).await;
     assert_eq!(capped.verdict(), pb::DeadlockVerdict::StateCapReached);
