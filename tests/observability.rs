@@ -176,6 +176,10 @@ async fn what_operators_see(env: TestEnv) {
     wait_ready(gateway).await;
 
     let token = login(gateway, "admin", ADMIN_PASSWORD).await.unwrap().tokens.unwrap().access_token;
+    // A service whose first key fetch came before the auth service answered accepts tokens a
+    // second later (csp_platform::auth::REFETCH_AFTER_FAILURE); every target is its own
+    // process here, started together.
+    tokio::time::sleep(csp_platform::auth::REFETCH_AFTER_FAILURE + Duration::from_millis(200)).await;
     let nodes = [
         ("input", "source.input", json!({})),
         ("greet", "transform.template", json!({ "template": "Hello, {{name}}!" })),
