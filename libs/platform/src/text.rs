@@ -182,7 +182,7 @@ pub struct NulTextLayer {
 
 impl NulTextLayer {
     /// Reads request messages up to `max_message_bytes` (the server's limit): a larger one is
-    /// RESOURCE_EXHAUSTED before more of it is held.
+    /// OUT_OF_RANGE (as tonic answers it) before more of it is held.
     pub fn new(max_message_bytes: usize) -> Self {
         Self { max_message_bytes }
     }
@@ -232,8 +232,9 @@ where
                 Err(error) => {
                     let status = match error.downcast::<tonic::Status>() {
                         Ok(status) => *status,
-                        Err(_) => tonic::Status::resource_exhausted(format!(
-                            "the request is larger than the server's limit of {} bytes",
+                        // As tonic answers a message over its decoding limit.
+                        Err(_) => tonic::Status::out_of_range(format!(
+                            "the request message is too large: over the server's limit of {} bytes",
                             limit - 5
                         )),
                     };
@@ -312,7 +313,7 @@ mod tests {
         assert_eq!(through(1024, small).await.message(), "reached");
         let big = framed(&pb::CreateDesignRequest { name: "x".repeat(4096), ..Default::default() });
         let status = through(1024, big).await;
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
         assert!(status.message().contains("limit of 1024 bytes"), "{}", status.message());
         let nul = framed(&pb::CreateDesignRequest { name: "a\0b".into(), ..Default::default() });
         assert_eq!(through(1024, nul).await.code(), tonic::Code::InvalidArgument);
