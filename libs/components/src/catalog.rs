@@ -82,7 +82,7 @@ fn spec(
         dynamic_ports: false,
         config_schema,
         examples,
-        behaviour,
+        behaviour: Some(behaviour),
         tags: tags.iter().map(|t| (*t).to_owned()).collect(),
     }
 }

@@ -210,8 +210,10 @@ pub struct ComponentSpec {
     pub config_schema: Value,
     /// Documented configurations.
     pub examples: Vec<ExampleSpec>,
-    /// Behaviour on the ports.
-    pub behaviour: Behaviour,
+    /// Behaviour on the ports; `None` where a registered component declares none (the
+    /// deadlock check then assumes the worst).
+    #[serde(default)]
+    pub behaviour: Option<Behaviour>,
     /// Search tags.
     pub tags: Vec<String>,
 }

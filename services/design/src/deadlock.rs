@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use csp_components::deadlock::{self as model, Machine, Model, Process, StepAction, Verdict, WaitingTo};
+use csp_components::deadlock::{
+    self as model, Count, Cycle, CycleKind, Machine, Model, Process, StepAction, Verdict, WaitingTo,
+};
 
 use crate::{
     designs::Designs,
@@ -69,24 +71,38 @@ impl Designs {
 }
 
 impl Designs {
-    /// ValidateDesign's deadlock finding: a search of at most `design.deadlock.validate_max_states`
-    /// states. A deadlock found is an error (`deadlock`) when every run of the design meets it
-    /// (its processes read in fixed orders and write without choices), else a warning
-    /// (`deadlock_possible`); no deadlock found within the bound says nothing.
-    pub(crate) async fn deadlock_finding(
+    /// ValidateDesign's deadlock findings. First the linear rules (`csp_components::deadlock::rules`):
+    /// a cycle that deadlocks on every run is an error (`deadlock`), one that may a warning
+    /// (`deadlock_prone_cycle`), one whose messages go round for ever a warning
+    /// (`endless_cycle`). Where they cannot decide and `search` holds, a search of at most
+    /// `design.deadlock.validate_max_states` states: a deadlock found is an error (`deadlock`)
+    /// when every run of the design meets it (see `Model::certain`), else a warning
+    /// (`deadlock_possible`); none found within the bound says nothing.
+    pub(crate) async fn deadlock_findings(
         &self,
         document: &Document,
         infos: &BTreeMap<String, NodeInfo>,
-    ) -> Result<Option<Finding>, Error> {
+        search: bool,
+    ) -> Result<Vec<Finding>, Error> {
         let settings = self.limits.deadlock.clone();
         let model = build(document, infos, settings.source_messages, settings.default_capacity);
+        let ruling = model::rules(&model);
+        let mut findings: Vec<Finding> =
+            ruling.cycles.iter().map(|cycle| cycle_finding(&model, cycle)).collect();
+        if !search || ruling.decided() {
+            return Ok(findings);
+        }
         let searched = model.clone();
         let max_states = settings.validate_max_states;
         let max_time = settings.max_time.min(std::time::Duration::from_millis(500));
         let verdict = tokio::task::spawn_blocking(move || model::check(&searched, max_states, max_time))
             .await
             .map_err(|e| Error::Internal(format!("the deadlock search stopped: {e}")))?;
-        let Verdict::Deadlock { trace, blocked, .. } = verdict else { return Ok(None) };
+        let Verdict::Deadlock { trace, blocked, .. } = verdict else { return Ok(findings) };
+        // A cycle the rules already warned about explains the deadlock.
+        if findings.iter().any(|f| f.code == "deadlock_prone_cycle") {
+            return Ok(findings);
+        }
         let waits: Vec<String> = blocked
             .iter()
             .take(5)
@@ -108,12 +124,63 @@ impl Designs {
             waits.join(", ")
         );
         let first = blocked.first().map(|b| model.processes[b.process].node_id.clone()).unwrap_or_default();
-        Ok(Some(if model.determinate() {
+        findings.push(if model.certain(&trace) {
             Finding::error("deadlock", format!("the design deadlocks on every run: {story}")).node(&first)
         } else {
             Finding::warning("deadlock_possible", format!("the design can deadlock: {story}")).node(&first)
-        }))
+        });
+        Ok(findings)
     }
+}
+
+/// What the rules found about a cycle, in the design's terms.
+fn cycle_finding(model: &Model, cycle: &Cycle) -> Finding {
+    let name = |p: usize| format!("`{}`", model.processes[p].node_id);
+    let mut names: Vec<String> = cycle.processes.iter().take(5).map(|&p| name(p)).collect();
+    if cycle.processes.len() > 5 {
+        names.push(format!("{} more", cycle.processes.len() - 5));
+    }
+    let names = names.join(", ");
+    let count = |enter: Count| match (enter.lo, enter.hi) {
+        (lo, hi) if lo == hi => format!("{lo}"),
+        (lo, u64::MAX) => format!("at least {lo}"),
+        (lo, hi) => format!("{lo} to {hi}"),
+    };
+    let message = match cycle.kind {
+        CycleKind::Starved => format!(
+            "no process on the cycle {names} takes a message from outside it (none reads whichever input is \
+             ready): the cycle never starts and its processes wait for ever"
+        ),
+        CycleKind::Fills { holds, enter } => format!(
+            "every message that enters the cycle {names} stays on it (each process on it writes every message \
+             it takes to all its outputs), and it holds {holds} (its channels' capacity and one per process): \
+             {} enter, so once {holds} have, every process on it waits to send for ever",
+            count(enter)
+        ),
+        CycleKind::Grows { process, .. } => format!(
+            "{} writes each message it takes back onto the cycle {names} more than once: the messages on it \
+             multiply until every process on it waits to send for ever",
+            name(process)
+        ),
+        CycleKind::Endless { holds, enter } => format!(
+            "every message that enters the cycle {names} stays on it and goes round for ever ({} enter, it \
+             holds {holds}): the run never ends",
+            count(enter)
+        ),
+        CycleKind::NeverEnds => format!(
+            "no process on the cycle {names} can end while the others run (none is a join fed from outside \
+             it): once no message is left on it, or once it fills, its processes wait for ever"
+        ),
+    };
+    let first = &model.processes[cycle.processes[0]].node_id;
+    let finding = if cycle.certain {
+        Finding::error("deadlock", format!("the design deadlocks on every run: {message}"))
+    } else if cycle.deadlocks() {
+        Finding::warning("deadlock_prone_cycle", message)
+    } else {
+        Finding::warning("endless_cycle", message)
+    };
+    finding.node(first).connection(&model.channels[cycle.channel].connection_id)
 }
 
 /// The model of a design: a process per node whose ports are known, a channel per connection
@@ -129,8 +196,10 @@ fn build(
     for (id, info) in infos {
         let Some(node) = document.nodes.get(id) else { continue };
         let outputs: Vec<String> = info.outputs.iter().map(|p| p.name.clone()).collect();
-        let declared = csp_components::builtin(&node.type_id)
-            .and_then(|_| model::machine_for(&node.type_id, &node.config, &outputs, source_messages));
+        let declared = match csp_components::builtin(&node.type_id) {
+            Some(_) => model::machine_for(&node.type_id, &node.config, &outputs, source_messages),
+            None => info.behaviour.map(|b| model::declared(&b, &outputs, source_messages)),
+        };
         let (machine, assumed) = match declared {
             Some(machine) => (machine, false),
             None => (model::assumed(&outputs), true),
@@ -174,10 +243,11 @@ fn build(
     }
     // A source without connections still counts its messages; one reading nothing ends.
     for process in &mut processes {
-        if let Machine::Source { count, .. } = &mut process.machine
+        if let Machine::Source { count, total, .. } = &mut process.machine
             && process.outputs.iter().all(Vec::is_empty)
         {
             *count = 0;
+            *total = Some(0);
         }
     }
     Model { processes, channels }

@@ -1,6 +1,6 @@
 //! The design service: designs, nodes, connections, revisions, validation and sharing.
 //!
-//! Serves `csp.design.v1.DesignService`: CreateDesign, GetDesign, ListDesigns, UpdateDesign, DeleteDesign, DuplicateDesign, AddNode, UpdateNode, RemoveNode, AddConnection, RemoveConnection, ApplyOps, ListRevisions, GetRevision, DiffRevisions, RestoreRevision, ValidateDesign, CheckDeadlock, ExportDesign, ImportDesign, ExportCspm, ShareDesign, UnshareDesign, TransferOwnership, CreateFromTemplate, Undo, Redo.
+//! Serves `csp.design.v1.DesignService`: CreateDesign, GetDesign, ListDesigns, UpdateDesign, DeleteDesign, DuplicateDesign, AddNode, UpdateNode, RemoveNode, AddConnection, RemoveConnection, ApplyOps, ListRevisions, GetRevision, DiffRevisions, RestoreRevision, ValidateDesign, CheckDeadlock, ExportDesign, ImportDesign, ExportCspm, ExportPromela, ShareDesign, UnshareDesign, TransferOwnership, CreateFromTemplate, Undo, Redo.
 //!
 //! - Every change goes through one commit pipeline (see `designs`): it takes the revision the
 //!   caller saw, answers FAILED_PRECONDITION with the current revision when it is stale, stores

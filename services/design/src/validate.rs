@@ -20,7 +20,10 @@
 //! | `too_many_connections` | error | several connections into an input that takes one |
 //! | `dangling_required_input` | error | a required input with no connection |
 //! | `unreachable_node` | warning | no message can ever reach the node |
-//! | `deadlock_prone_cycle` | warning | a cycle whose channels can fill up or that never starts |
+//! | `deadlock` | error | a deadlock every run meets (see `deadlock.rs`) |
+//! | `deadlock_prone_cycle` | warning | a cycle that can fill up or that never ends by itself |
+//! | `endless_cycle` | warning | a cycle whose messages go round for ever |
+//! | `deadlock_possible` | warning | a deadlock some runs meet, found by a small search |
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,7 +34,6 @@ use csp_proto::{
     registry::v1::{self as reg, registry_service_client::RegistryServiceClient},
 };
 use futures::{StreamExt as _, stream};
-use petgraph::{algo::tarjan_scc, graph::DiGraph};
 use serde_json::Value;
 use tonic::{Code, Request, Status, metadata::AsciiMetadataValue};
 use tonic_types::StatusExt as _;
@@ -94,7 +96,7 @@ impl Finding {
         self
     }
 
-    fn connection(mut self, id: &str) -> Self {
+    pub(crate) fn connection(mut self, id: &str) -> Self {
         self.connection_id = id.to_owned();
         self
     }
@@ -257,27 +259,26 @@ impl PortInfo {
     }
 }
 
-/// How a node uses its ports, for the cycle analysis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Behaviour {
-    /// Reads whichever input is ready (merge, alt): can take a message from outside a cycle.
-    pub(crate) reads_any: bool,
-    /// May write more than one message per message read, or holds messages back.
-    pub(crate) amplifies: bool,
-}
-
-impl Behaviour {
-    fn of(behaviour: Option<&reg::PortBehaviour>) -> Self {
-        let Some(b) = behaviour else {
-            // Undeclared (remote types): assume the worst.
-            return Self { reads_any: false, amplifies: true };
-        };
-        let write = reg::WriteMode::try_from(b.write).unwrap_or_default();
-        Self {
-            reads_any: b.read == reg::ReadMode::Any as i32,
-            amplifies: b.buffers || matches!(write, reg::WriteMode::Many | reg::WriteMode::Unspecified),
-        }
-    }
+/// A component's declared behaviour on its ports, as the registry says it; `None` where it
+/// declares none.
+fn behaviour_of(behaviour: Option<&reg::PortBehaviour>) -> Option<csp_components::Behaviour> {
+    use csp_components::{ReadMode, WriteMode};
+    let b = behaviour?;
+    let read = match reg::ReadMode::try_from(b.read).ok()? {
+        reg::ReadMode::Unspecified => return None,
+        reg::ReadMode::None => ReadMode::None,
+        reg::ReadMode::One => ReadMode::One,
+        reg::ReadMode::All => ReadMode::All,
+        reg::ReadMode::Any => ReadMode::Any,
+    };
+    let write = match reg::WriteMode::try_from(b.write).ok()? {
+        reg::WriteMode::Unspecified => return None,
+        reg::WriteMode::None => WriteMode::None,
+        reg::WriteMode::One => WriteMode::One,
+        reg::WriteMode::AtMostOne => WriteMode::AtMostOne,
+        reg::WriteMode::Many => WriteMode::Many,
+    };
+    Some(csp_components::Behaviour { read, write, buffers: b.buffers })
 }
 
 /// What validation learned about a node of a known type.
@@ -285,7 +286,8 @@ impl Behaviour {
 pub(crate) struct NodeInfo {
     pub(crate) inputs: Vec<PortInfo>,
     pub(crate) outputs: Vec<PortInfo>,
-    pub(crate) behaviour: Behaviour,
+    /// How it uses its ports, where its type declares it.
+    pub(crate) behaviour: Option<csp_components::Behaviour>,
     /// The type id and version to ask the registry about the node's ports.
     pub(crate) type_ref: (String, String),
 }
@@ -310,10 +312,10 @@ impl Designs {
 
         // 4. The graph.
         findings.extend(graph_findings(document, &infos));
-        // 5. A deadlock within a small search, when nothing else is wrong.
-        if !findings.iter().any(|f| f.severity == Severity::Error) {
-            findings.extend(self.deadlock_finding(document, &infos).await?);
-        }
+        // 5. Deadlocks: the linear rules, then a small search where they cannot decide and
+        //    nothing else is wrong.
+        let search = !findings.iter().any(|f| f.severity == Severity::Error);
+        findings.extend(self.deadlock_findings(document, &infos, search).await?);
         findings.sort_by(|a, b| {
             (a.severity, &a.node_id, &a.connection_id, a.code, &a.port, &a.message).cmp(&(
                 b.severity,
@@ -422,7 +424,7 @@ impl Designs {
             let mut info = NodeInfo {
                 inputs: verdict.inputs.iter().map(PortInfo::of).collect(),
                 outputs: verdict.outputs.iter().map(PortInfo::of).collect(),
-                behaviour: Behaviour::of(spec.behaviour.as_ref()),
+                behaviour: behaviour_of(spec.behaviour.as_ref()),
                 type_ref: (spec.r#type.clone(), node.type_version.clone()),
             };
             if !verdict.valid && verdict.inputs.is_empty() && verdict.outputs.is_empty() {
@@ -734,7 +736,6 @@ pub(crate) fn graph_findings(document: &Document, infos: &BTreeMap<String, NodeI
     }
 
     findings.extend(unreachable(document, infos));
-    findings.extend(cycles(document, infos));
     findings
 }
 
@@ -779,66 +780,6 @@ fn unreachable(document: &Document, infos: &BTreeMap<String, NodeInfo>) -> Vec<F
         .collect()
 }
 
-/// Cycles that can stall: one no process can enter from outside (each waits for a message
-/// from inside first), or one with a process that writes more than it reads, which fills the
-/// cycle's buffers until every process on it waits to send.
-fn cycles(document: &Document, infos: &BTreeMap<String, NodeInfo>) -> Vec<Finding> {
-    let mut graph = DiGraph::<&str, &str>::new();
-    let index: HashMap<&str, _> =
-        document.nodes.keys().map(|id| (id.as_str(), graph.add_node(id.as_str()))).collect();
-    for c in document.connections.values() {
-        if c.from.node_id != c.to.node_id {
-            graph.add_edge(index[c.from.node_id.as_str()], index[c.to.node_id.as_str()], c.id.as_str());
-        }
-    }
-    let mut findings = Vec::new();
-    for component in tarjan_scc(&graph) {
-        if component.len() < 2 {
-            continue;
-        }
-        let members: BTreeSet<&str> = component.iter().map(|i| graph[*i]).collect();
-        if members.iter().any(|id| !infos.contains_key(*id)) {
-            continue;
-        }
-        let inner: Vec<&Connection> = document
-            .connections
-            .values()
-            .filter(|c| members.contains(c.from.node_id.as_str()) && members.contains(c.to.node_id.as_str()))
-            .collect();
-        let capacity: i64 =
-            inner.iter().map(|c| i64::from(if c.capacity == 0 { 16 } else { c.capacity })).sum();
-        let entries: Vec<&str> = document
-            .connections
-            .values()
-            .filter(|c| members.contains(c.to.node_id.as_str()) && !members.contains(c.from.node_id.as_str()))
-            .map(|c| c.to.node_id.as_str())
-            .filter(|id| infos[*id].behaviour.reads_any)
-            .collect();
-        let amplifier = members.iter().find(|id| infos[**id].behaviour.amplifies);
-        let names = members.iter().map(|id| format!("`{id}`")).collect::<Vec<_>>().join(", ");
-        let first = members.iter().next().copied().unwrap_or_default();
-        let why = if entries.is_empty() {
-            format!(
-                "no process on the cycle {names} takes messages from outside it before one arrives from inside \
-                 (none reads whichever input is ready): the cycle never starts"
-            )
-        } else if let Some(amplifier) = amplifier {
-            format!(
-                "`{amplifier}` on the cycle {names} can write more messages than it reads: once the cycle's \
-                 {capacity} buffered messages are in flight, every process on it waits to send"
-            )
-        } else {
-            continue;
-        };
-        let mut finding = Finding::warning("deadlock_prone_cycle", why).node(first);
-        if let Some(c) = inner.first() {
-            finding = finding.connection(&c.id);
-        }
-        findings.push(finding);
-    }
-    findings
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -850,11 +791,11 @@ mod tests {
         PortInfo { name: name.into(), schema: json!({}), required, multiple: false, local: false }
     }
 
-    fn info(inputs: &[&str], outputs: &[&str], behaviour: Behaviour) -> NodeInfo {
+    fn info(inputs: &[&str], outputs: &[&str]) -> NodeInfo {
         NodeInfo {
             inputs: inputs.iter().map(|n| port(n, true)).collect(),
             outputs: outputs.iter().map(|n| port(n, false)).collect(),
-            behaviour,
+            behaviour: None,
             type_ref: ("t.t".into(), String::new()),
         }
     }
@@ -901,17 +842,13 @@ mod tests {
         findings.iter().map(|f| (f.code, f.node_id.clone(), f.connection_id.clone())).collect()
     }
 
-    const PLAIN: Behaviour = Behaviour { reads_any: false, amplifies: false };
-    const MERGE: Behaviour = Behaviour { reads_any: true, amplifies: false };
-    const SPLIT: Behaviour = Behaviour { reads_any: false, amplifies: true };
-
     #[test]
     fn a_clean_pipeline_has_no_findings() {
         let d = doc(&["a", "b", "c"], &[("c1", "a", "out", "b", "in"), ("c2", "b", "out", "c", "in")]);
         let infos = BTreeMap::from([
-            ("a".to_owned(), info(&[], &["out"], PLAIN)),
-            ("b".to_owned(), info(&["in"], &["out"], PLAIN)),
-            ("c".to_owned(), info(&["in"], &[], PLAIN)),
+            ("a".to_owned(), info(&[], &["out"])),
+            ("b".to_owned(), info(&["in"], &["out"])),
+            ("c".to_owned(), info(&["in"], &[])),
         ]);
         assert!(graph_findings(&d, &infos).is_empty());
     }
@@ -928,10 +865,10 @@ mod tests {
             ],
         );
         let infos = BTreeMap::from([
-            ("a".to_owned(), info(&[], &["out"], PLAIN)),
-            ("b".to_owned(), info(&["in"], &["out"], PLAIN)),
-            ("c".to_owned(), info(&["in", "side"], &[], PLAIN)),
-            ("orphan".to_owned(), info(&["in"], &[], PLAIN)),
+            ("a".to_owned(), info(&[], &["out"])),
+            ("b".to_owned(), info(&["in"], &["out"])),
+            ("c".to_owned(), info(&["in", "side"], &[])),
+            ("orphan".to_owned(), info(&["in"], &[])),
         ]);
         let found = codes(&graph_findings(&d, &infos));
         let expect = |code: &'static str, node: &str, connection: &str| {
@@ -947,34 +884,6 @@ mod tests {
         expect("dangling_required_input", "c", "");
         expect("dangling_required_input", "orphan", "");
         expect("unreachable_node", "orphan", "");
-    }
-
-    #[test]
-    fn cycles_that_can_stall_are_flagged() {
-        // a → m → x → m: m merges a's messages with x's, and x writes one per message: fine.
-        let edges =
-            [("c1", "a", "out", "m", "in"), ("c2", "m", "out", "x", "in"), ("c3", "x", "out", "m", "in")];
-        let d = doc(&["a", "m", "x"], &edges);
-        let fine = BTreeMap::from([
-            ("a".to_owned(), info(&[], &["out"], PLAIN)),
-            ("m".to_owned(), info(&["in"], &["out"], MERGE)),
-            ("x".to_owned(), info(&["in"], &["out"], PLAIN)),
-        ]);
-        assert!(cycles(&d, &fine).is_empty());
-
-        let mut amplifying = fine.clone();
-        amplifying.insert("x".into(), info(&["in"], &["out"], SPLIT));
-        let found = cycles(&d, &amplifying);
-        assert_eq!(found[0].code, "deadlock_prone_cycle");
-        assert!(
-            found[0].message.contains("`x`") && found[0].message.contains("32 buffered"),
-            "{}",
-            found[0].message
-        );
-
-        let mut closed = fine.clone();
-        closed.insert("m".into(), info(&["in"], &["out"], PLAIN));
-        assert!(cycles(&d, &closed)[0].message.contains("never starts"));
     }
 
     #[test]

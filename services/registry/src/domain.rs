@@ -468,6 +468,12 @@ impl Registry {
                 "must be an http(s) URL like http://host:50051",
             )),
         }
+        if draft.read.is_some() != draft.write.is_some() {
+            v.push(FieldViolation::new(
+                at("behaviour"),
+                "declares how the component reads or how it writes, not both: declare both or neither",
+            ));
+        }
         if !(0..=3_600_000).contains(&draft.remote_timeout_ms) {
             v.push(FieldViolation::new(at("remote.timeout_ms"), "must be 0 to 3600000"));
         }
@@ -489,10 +495,9 @@ impl Registry {
             dynamic_ports: false,
             config_schema,
             examples: draft.examples.clone(),
-            behaviour: Behaviour {
-                read: draft.read.unwrap_or(ReadMode::One),
-                write: draft.write.unwrap_or(WriteMode::One),
-                buffers: draft.buffers,
+            behaviour: match (draft.read, draft.write) {
+                (Some(read), Some(write)) => Some(Behaviour { read, write, buffers: draft.buffers }),
+                _ => None,
             },
             tags: draft.tags.clone(),
         };

@@ -111,10 +111,10 @@ fn entry_to_pb(entry: &Entry) -> pb::ComponentType {
                 output: e.output.clone().map(json::to_value),
             })
             .collect(),
-        behaviour: Some(pb::PortBehaviour {
-            read: read_to_pb(spec.behaviour.read) as i32,
-            write: write_to_pb(spec.behaviour.write) as i32,
-            buffers: spec.behaviour.buffers,
+        behaviour: spec.behaviour.map(|behaviour| pb::PortBehaviour {
+            read: read_to_pb(behaviour.read) as i32,
+            write: write_to_pb(behaviour.write) as i32,
+            buffers: behaviour.buffers,
         }),
         builtin: entry.builtin,
         deprecated: entry.deprecated,

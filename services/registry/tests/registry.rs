@@ -445,8 +445,12 @@ async fn registration_rules(env: TestEnv) {
         config: Some(json::to_struct(json!({ "n": "two" }))),
         ..Default::default()
     }];
+    let mut half_behaviour = remote_draft("acme.h", "1.0.0", &addr);
+    half_behaviour.behaviour =
+        Some(pb::PortBehaviour { read: pb::ReadMode::Any as i32, ..Default::default() });
     let cases: Vec<(pb::ComponentType, &str)> = vec![
         (bad_schema, "component_type.config_schema"),
+        (half_behaviour, "component_type.behaviour"),
         (remote_draft("acme.e", "one.two", &addr), "component_type.version"),
         (remote_draft("Acme Thing", "1.0.0", &addr), "component_type.type"),
         (remote_draft("transform.better", "1.0.0", &addr), "component_type.type"),
@@ -492,7 +496,9 @@ async fn registration_rules(env: TestEnv) {
     assert_eq!(status.code(), Code::NotFound);
     let request = pb::GetComponentTypeRequest { r#type: "acme.a".into(), version: "1.0.0".into() };
     let v1 = h.client.get_component_type(authed(request, &h.designer)).await.unwrap().into_inner();
-    assert_eq!(v1.component_type.unwrap().display_name, "Sentiment", "1.0.0 is unchanged");
+    let v1_type = v1.component_type.unwrap();
+    assert_eq!(v1_type.display_name, "Sentiment", "1.0.0 is unchanged");
+    assert_eq!(v1_type.behaviour, None, "it declared no behaviour: none is made up");
     assert_eq!(v1.versions, ["2.0.0", "1.0.0"]);
 
     // Deprecation hides the type from listings, not from reads.

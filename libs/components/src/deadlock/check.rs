@@ -6,14 +6,25 @@
 //! taken at once after every communication — they commute with everything else, so the states
 //! in between need not be visited. Only sends and receives are steps of the search, and of a
 //! trace.
+//!
+//! That is the search's partial-order reduction: a local step is independent of every other
+//! step and cannot be disabled, so taking it alone (a persistent set of one) keeps every
+//! deadlock and every trace length. Communications are not reduced further: a partial
+//! deadlock can sit beside processes that go round for ever, and persistent sets of
+//! communications would need the cycle proviso to keep those, and could lengthen the trace
+//! that breadth-first order makes the shortest.
+//!
+//! States are stored once, encoded, one after another in chunks that never move (a byte per
+//! field where every field fits, as in most designs; else two), and found again through a
+//! table of their hashes and indices, so growing the table never reads the states.
 
 use std::{
-    collections::VecDeque,
-    rc::Rc,
+    hash::{Hash as _, Hasher as _},
     time::{Duration, Instant},
 };
 
-use rustc_hash::FxHashMap;
+use hashbrown::HashTable;
+use rustc_hash::FxHasher;
 
 use super::{Machine, Model, Writes};
 
@@ -114,6 +125,100 @@ struct Search<'m> {
     writes: Vec<Vec<Vec<usize>>>,
     /// Per process, the channels it reads: `[0]` every input; for a join, `[1 + i]` port `i`.
     reads: Vec<Vec<Vec<usize>>>,
+    /// Per process, the ways it can write after taking a message.
+    branches: Vec<usize>,
+    /// Per process that writes to one port of its choice, those ports.
+    choices: Vec<Vec<u16>>,
+}
+
+/// Buffers reused from state to state.
+#[derive(Default)]
+struct Scratch {
+    /// Successor states, one after another.
+    states: Vec<u16>,
+    /// The communication leading to each.
+    steps: Vec<Step>,
+    /// Processes left to settle.
+    pending: Vec<usize>,
+    /// Per process, whether it is stuck.
+    stuck: Vec<bool>,
+}
+
+/// States one after another, encoded, in chunks that are never moved or copied as more come.
+/// A state whose every field fits takes a byte per field (most designs: capacities under
+/// 128, counts under 256), else two.
+struct Arena {
+    /// Bytes per state.
+    size: usize,
+    /// Whether a field takes one byte.
+    narrow: bool,
+    /// The first channel field (the ones before are processes').
+    channels_at: usize,
+    chunks: Vec<Vec<u8>>,
+}
+
+impl Arena {
+    /// States per chunk.
+    const CHUNK: usize = 1 << 14;
+
+    fn new(width: usize, channels_at: usize, narrow: bool) -> Self {
+        Self { size: if narrow { width } else { 2 * width }, narrow, channels_at, chunks: Vec::new() }
+    }
+
+    /// `state` encoded into `out`.
+    fn encode(&self, state: &[u16], out: &mut Vec<u8>) {
+        out.clear();
+        if !self.narrow {
+            out.extend(state.iter().flat_map(|v| v.to_le_bytes()));
+            return;
+        }
+        let (processes, channels) = state.split_at(self.channels_at);
+        out.extend(processes.iter().map(|&v| if v == ALL_PORTS { u8::MAX } else { v as u8 }));
+        out.extend(channels.iter().map(|&v| ((v & !CLOSED) as u8) | if v & CLOSED != 0 { 0x80 } else { 0 }));
+    }
+
+    /// The state at `index`, decoded into `out`.
+    fn decode(&self, index: u32, out: &mut [u16]) {
+        let bytes = self.get(index);
+        if !self.narrow {
+            for (v, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *v = u16::from_le_bytes([pair[0], pair[1]]);
+            }
+            return;
+        }
+        for (i, (v, &b)) in out.iter_mut().zip(bytes).enumerate() {
+            *v = if i >= self.channels_at {
+                u16::from(b & 0x7f) | if b & 0x80 != 0 { CLOSED } else { 0 }
+            } else if b == u8::MAX {
+                ALL_PORTS
+            } else {
+                u16::from(b)
+            };
+        }
+    }
+
+    fn push(&mut self, encoded: &[u8]) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() + self.size <= chunk.capacity() => chunk.extend_from_slice(encoded),
+            _ => {
+                let mut chunk = Vec::with_capacity(Self::CHUNK * self.size);
+                chunk.extend_from_slice(encoded);
+                self.chunks.push(chunk);
+            }
+        }
+    }
+
+    fn get(&self, index: u32) -> &[u8] {
+        let (chunk, at) = (index as usize / Self::CHUNK, index as usize % Self::CHUNK);
+        &self.chunks[chunk][at * self.size..(at + 1) * self.size]
+    }
+}
+
+/// A state's hash.
+fn hash(state: &[u8]) -> u64 {
+    let mut hasher = FxHasher::default();
+    state.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl<'m> Search<'m> {
@@ -149,29 +254,62 @@ impl<'m> Search<'m> {
                 std::iter::once(all).chain(process.inputs.iter().cloned()).collect()
             })
             .collect();
-        Self { model, width: model.processes.len() * PROCESS + model.channels.len(), writes, reads }
+        let choices: Vec<Vec<u16>> = model
+            .processes
+            .iter()
+            .map(|process| match process.machine {
+                Machine::Serve { writes: Writes::OneOrNone(mask) } => (0..process.outputs.len().min(32))
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| i as u16)
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let branches = model
+            .processes
+            .iter()
+            .zip(&choices)
+            .map(|(process, choices)| match process.machine {
+                Machine::Serve { writes: Writes::OneOrNone(_) } => 1 + choices.len(),
+                Machine::Serve { writes: Writes::UpTo { max, .. } } => 1 + usize::from(max),
+                _ => 1,
+            })
+            .collect();
+        Self {
+            model,
+            width: model.processes.len() * PROCESS + model.channels.len(),
+            writes,
+            reads,
+            branches,
+            choices,
+        }
     }
 
     fn run(&self, max_states: u64, max_time: Duration) -> Verdict {
         let started = Instant::now();
-        let mut initial = vec![0u16; self.width];
-        self.settle(&mut initial);
-        let initial: Rc<[u16]> = initial.into();
-        let mut seen: FxHashMap<Rc<[u16]>, u32> = FxHashMap::default();
+        let width = self.width;
+        let mut scratch = Scratch::default();
+        let mut initial = vec![0u16; width];
+        self.settle(&mut initial, &mut scratch.pending);
+        // Every state found, in the order found (breadth first: the queue is the tail of
+        // this list), in chunks that never move; the table holds each one's hash and index.
+        let mut arena = Arena::new(width, self.model.processes.len() * PROCESS, self.narrow());
+        let mut encoded = Vec::with_capacity(2 * width);
+        arena.encode(&initial, &mut encoded);
+        arena.push(&encoded);
+        let mut table: HashTable<(u64, u32)> = HashTable::new();
+        table.insert_unique(hash(&encoded), (hash(&encoded), 0), |&(h, _)| h);
         // Per state: the state it was reached from and the step.
         let mut parents: Vec<(u32, Option<Step>)> = vec![(0, None)];
-        let mut states: Vec<Rc<[u16]>> = vec![initial.clone()];
-        seen.insert(initial, 0);
-        let mut queue = VecDeque::from([0u32]);
-        let mut moves = Vec::new();
-        while let Some(at) = queue.pop_front() {
+        let mut state = vec![0u16; width];
+        let mut at = 0u32;
+        while (at as usize) < parents.len() {
             if (at & 0xfff) == 0 && started.elapsed() > max_time {
-                return Verdict::CapReached { states: states.len() as u64 };
+                return Verdict::CapReached { states: parents.len() as u64 };
             }
-            let state = states[at as usize].clone();
-            moves.clear();
-            self.moves(&state, &mut moves);
-            if !self.stuck(&state, &moves).is_empty() {
+            arena.decode(at, &mut state);
+            self.moves(&state, &mut scratch);
+            if self.mark_stuck(&state, &scratch.steps, &mut scratch.stuck) {
                 let mut trace = Vec::new();
                 let mut cursor = at;
                 while let (parent, Some(step)) = parents[cursor as usize] {
@@ -182,46 +320,65 @@ impl<'m> Search<'m> {
                 // The stuck stay stuck; the rest go on until nothing can move (or, if some
                 // go on for ever, for a while): who is blocked then, and how full the
                 // channels are.
-                let mut last = state.to_vec();
-                let mut more = std::mem::take(&mut moves);
+                let mut last = state.clone();
                 let mut steps = 0;
-                while let Some((next, _)) = more.pop() {
-                    last = next;
-                    more.clear();
+                while !scratch.steps.is_empty() {
+                    let k = scratch.steps.len() - 1;
+                    last.copy_from_slice(&scratch.states[k * width..(k + 1) * width]);
                     steps += 1;
                     if steps > CONTINUE_AT_MOST {
                         break;
                     }
-                    self.moves(&last, &mut more);
+                    self.moves(&last, &mut scratch);
                 }
-                let blocked = if more.is_empty() {
+                let blocked = if scratch.steps.is_empty() {
                     (0..self.model.processes.len()).filter(|&p| !self.ended(&last, p)).collect()
                 } else {
-                    self.stuck(&last, &more)
+                    self.stuck(&last, &scratch.steps)
                 };
                 return Verdict::Deadlock {
-                    states: states.len() as u64,
+                    states: parents.len() as u64,
                     trace,
                     blocked: self.blocked(&last, &blocked),
                     fill: (0..self.model.channels.len()).map(|c| self.count(&last, c)).collect(),
                 };
             }
-            for (next, step) in moves.drain(..) {
-                if seen.contains_key(&next[..]) {
+            for (k, &step) in scratch.steps.iter().enumerate() {
+                let next = &scratch.states[k * width..(k + 1) * width];
+                arena.encode(next, &mut encoded);
+                let h = hash(&encoded);
+                if table.find(h, |&(eh, i)| eh == h && arena.get(i) == encoded.as_slice()).is_some() {
                     continue;
                 }
-                if states.len() as u64 >= max_states {
-                    return Verdict::CapReached { states: states.len() as u64 };
+                if parents.len() as u64 >= max_states {
+                    return Verdict::CapReached { states: parents.len() as u64 };
                 }
-                let next: Rc<[u16]> = next.into();
-                let index = states.len() as u32;
-                seen.insert(next.clone(), index);
-                states.push(next);
+                let index = parents.len() as u32;
+                arena.push(&encoded);
+                table.insert_unique(h, (h, index), |&(h, _)| h);
                 parents.push((at, Some(step)));
-                queue.push_back(index);
             }
+            at += 1;
         }
-        Verdict::Free { states: states.len() as u64 }
+        Verdict::Free { states: parents.len() as u64 }
+    }
+
+    /// Whether every field of every state fits a byte: channel counts under 128 (the top bit
+    /// is the closed flag), process fields under 255 (255 is "every port").
+    fn narrow(&self) -> bool {
+        let channels = self.model.channels.iter().all(|c| c.capacity < 0x80);
+        let processes = self.model.processes.iter().enumerate().all(|(p, process)| {
+            let counter = match process.machine {
+                Machine::Source { count, .. } => count,
+                Machine::Collect { size, .. } => size,
+                Machine::Join { .. } => process.inputs.len() as u16,
+                Machine::Serve { writes: Writes::UpTo { max, .. } } => u16::from(max),
+                Machine::Serve { .. } => 0,
+            };
+            let writes = self.writes[p].iter().map(Vec::len).max().unwrap_or(0);
+            counter < 0xff && writes < 0xff && process.outputs.len() < 0xff
+        });
+        channels && processes
     }
 
     fn channel_field(&self, channel: usize) -> usize {
@@ -244,32 +401,48 @@ impl<'m> Search<'m> {
     /// process that could let it (the receiver of the full channel it sends on, the senders of
     /// the empty channels it reads) is one of them. The greatest such set: start from every
     /// process that cannot move and drop those waiting on someone outside, until none is.
-    fn stuck(&self, state: &[u16], moves: &[(Vec<u16>, Step)]) -> Vec<usize> {
+    fn stuck(&self, state: &[u16], moves: &[Step]) -> Vec<usize> {
+        let mut stuck = Vec::new();
+        self.mark_stuck(state, moves, &mut stuck);
+        (0..stuck.len()).filter(|&p| stuck[p]).collect()
+    }
+
+    /// [`Self::stuck`] as flags in `stuck`; whether any is.
+    fn mark_stuck(&self, state: &[u16], moves: &[Step], stuck: &mut Vec<bool>) -> bool {
         let n = self.model.processes.len();
-        let mut stuck: Vec<bool> = (0..n).map(|p| !self.ended(state, p)).collect();
-        for (_, step) in moves {
+        stuck.clear();
+        stuck.extend((0..n).map(|p| !self.ended(state, p)));
+        for step in moves {
             stuck[step.process] = false;
+        }
+        if !stuck.contains(&true) {
+            return false;
         }
         loop {
             let mut changed = false;
             for p in 0..n {
-                if !stuck[p] {
-                    continue;
-                }
-                let (_, channels) = self.waiting(state, p);
-                let partners_stuck = channels.iter().all(|&c| {
-                    let channel = &self.model.channels[c];
-                    let partner = if channel.from == p { channel.to } else { channel.from };
-                    stuck[partner]
-                });
-                if !partners_stuck {
+                if stuck[p] && !self.waits_only_on(state, p, stuck) {
                     stuck[p] = false;
                     changed = true;
                 }
             }
             if !changed {
-                return (0..n).filter(|&p| stuck[p]).collect();
+                return stuck.contains(&true);
             }
+        }
+    }
+
+    /// Whether every process `p` waits on in `state` is marked in `stuck`.
+    fn waits_only_on(&self, state: &[u16], p: usize, stuck: &[bool]) -> bool {
+        let base = p * PROCESS;
+        if matches!(state[base], WRITING | FINAL_WRITE) {
+            let channels = self.write_channels(p, state[base + 2]);
+            channels.get(usize::from(state[base + 1])).is_none_or(|&c| stuck[self.model.channels[c].to])
+        } else {
+            self.reading(state, p)
+                .iter()
+                .filter(|&&c| !(self.closed(state, c) && self.count(state, c) == 0))
+                .all(|&c| stuck[self.model.channels[c].from])
         }
     }
 
@@ -309,15 +482,22 @@ impl<'m> Search<'m> {
 
     /// Takes every step that changes only process-local state (and closes channels), until
     /// none is left.
-    fn settle(&self, state: &mut [u16]) {
-        let all: Vec<usize> = (0..self.model.processes.len()).collect();
-        self.settle_from(state, all);
+    fn settle(&self, state: &mut [u16], pending: &mut Vec<usize>) {
+        pending.clear();
+        pending.extend(0..self.model.processes.len());
+        self.settle_pending(state, pending);
     }
 
     /// [`Self::settle`], starting from the processes in `pending` (those a communication
     /// touched): a process that ends wakes the receivers of its outputs (they may end too) and
     /// the senders of its inputs (their messages are now dropped).
-    fn settle_from(&self, state: &mut [u16], mut pending: Vec<usize>) {
+    fn settle_from(&self, state: &mut [u16], pending: &mut Vec<usize>, touched: [usize; 2]) {
+        pending.clear();
+        pending.extend_from_slice(&touched);
+        self.settle_pending(state, pending);
+    }
+
+    fn settle_pending(&self, state: &mut [u16], pending: &mut Vec<usize>) {
         while let Some(p) = pending.pop() {
             if !self.settle_one(state, p) {
                 continue;
@@ -403,8 +583,12 @@ impl<'m> Search<'m> {
         }
     }
 
-    /// Every communication enabled in `state`, with the state it leads to (settled).
-    fn moves(&self, state: &[u16], out: &mut Vec<(Vec<u16>, Step)>) {
+    /// Every communication enabled in `state`, with the state it leads to (settled), into
+    /// `scratch` (`states` one after another, `steps` the communication of each).
+    fn moves(&self, state: &[u16], scratch: &mut Scratch) {
+        let Scratch { states: out, steps, pending, .. } = scratch;
+        out.clear();
+        steps.clear();
         for (p, process) in self.model.processes.iter().enumerate() {
             let base = p * PROCESS;
             match state[base] {
@@ -412,11 +596,13 @@ impl<'m> Search<'m> {
                     let channels = self.write_channels(p, state[base + 2]);
                     let Some(&c) = channels.get(usize::from(state[base + 1])) else { continue };
                     if self.count(state, c) < self.model.channels[c].capacity {
-                        let mut next = state.to_vec();
+                        let start = out.len();
+                        out.extend_from_slice(state);
+                        let next = &mut out[start..];
                         next[self.channel_field(c)] += 1;
                         next[base + 1] += 1;
-                        self.settle_from(&mut next, vec![p, self.model.channels[c].to]);
-                        out.push((next, Step { process: p, channel: c, action: StepAction::Send }));
+                        self.settle_from(next, pending, [p, self.model.channels[c].to]);
+                        steps.push(Step { process: p, channel: c, action: StepAction::Send });
                     }
                 }
                 READY if !matches!(process.machine, Machine::Source { .. }) => {
@@ -425,11 +611,14 @@ impl<'m> Search<'m> {
                             continue;
                         }
                         let step = Step { process: p, channel: c, action: StepAction::Receive };
-                        let mut taken = state.to_vec();
-                        taken[self.channel_field(c)] -= 1;
-                        for mut next in self.after_receive(taken, p) {
-                            self.settle_from(&mut next, vec![p, self.model.channels[c].from]);
-                            out.push((next, step));
+                        for branch in 0..self.branches[p] {
+                            let start = out.len();
+                            out.extend_from_slice(state);
+                            let next = &mut out[start..];
+                            next[self.channel_field(c)] -= 1;
+                            self.after_receive(next, p, branch);
+                            self.settle_from(next, pending, [p, self.model.channels[c].from]);
+                            steps.push(step);
                         }
                     }
                 }
@@ -438,58 +627,44 @@ impl<'m> Search<'m> {
         }
     }
 
-    /// The states a process can be in after taking a message (several where what it writes
-    /// depends on the message).
-    fn after_receive(&self, mut state: Vec<u16>, p: usize) -> Vec<Vec<u16>> {
+    /// What a process does after taking a message: `branch` says which of the ways it can
+    /// write (several where what it writes depends on the message: none, or one per port,
+    /// or 1 to `max` messages).
+    fn after_receive(&self, state: &mut [u16], p: usize, branch: usize) {
         let base = p * PROCESS;
         let process = &self.model.processes[p];
         match process.machine {
-            Machine::Source { .. } => vec![state],
+            Machine::Source { .. } | Machine::Serve { writes: Writes::Nothing } => {}
             Machine::Join { .. } => {
                 let next = state[base + 4] + 1;
                 if usize::from(next) >= process.inputs.len() {
                     state[base + 4] = 0;
-                    self.start_write(&mut state, p, ALL_PORTS, 1, WRITING);
+                    self.start_write(state, p, ALL_PORTS, 1, WRITING);
                 } else {
                     state[base + 4] = next;
                 }
-                vec![state]
             }
             Machine::Collect { size, .. } => {
                 let held = state[base + 4] + 1;
                 if size > 0 && held >= size {
                     state[base + 4] = 0;
-                    self.start_write(&mut state, p, ALL_PORTS, 1, WRITING);
+                    self.start_write(state, p, ALL_PORTS, 1, WRITING);
                 } else {
-                    state[base + 4] = held;
+                    // Holding everything until the end, only whether it holds any matters.
+                    state[base + 4] = if size == 0 { 1 } else { held };
                 }
-                vec![state]
             }
-            Machine::Serve { writes } => match writes {
-                Writes::Nothing => vec![state],
-                Writes::Each(_) => {
-                    self.start_write(&mut state, p, ALL_PORTS, 1, WRITING);
-                    vec![state]
+            Machine::Serve { writes: Writes::Each(_) } => self.start_write(state, p, ALL_PORTS, 1, WRITING),
+            Machine::Serve { writes: Writes::OneOrNone(_) } => {
+                if branch > 0 {
+                    self.start_write(state, p, self.choices[p][branch - 1], 1, WRITING);
                 }
-                Writes::OneOrNone(mask) => {
-                    let mut branches = vec![state.clone()];
-                    for port in (0..process.outputs.len().min(32)).filter(|i| mask & (1 << i) != 0) {
-                        let mut branch = state.clone();
-                        self.start_write(&mut branch, p, port as u16, 1, WRITING);
-                        branches.push(branch);
-                    }
-                    branches
+            }
+            Machine::Serve { writes: Writes::UpTo { .. } } => {
+                if branch > 0 {
+                    self.start_write(state, p, ALL_PORTS, branch as u16, WRITING);
                 }
-                Writes::UpTo { max, .. } => {
-                    let mut branches = vec![state.clone()];
-                    for k in 1..=u16::from(max) {
-                        let mut branch = state.clone();
-                        self.start_write(&mut branch, p, ALL_PORTS, k, WRITING);
-                        branches.push(branch);
-                    }
-                    branches
-                }
-            },
+            }
         }
     }
 

@@ -14,10 +14,14 @@
 //! (others may have ended: a partial deadlock).
 
 mod check;
+mod cspm;
 mod promela;
+mod rules;
 
 pub use check::{Blocked, Step, StepAction, Verdict, WaitingTo, check};
+pub use cspm::cspm;
 pub use promela::promela;
+pub use rules::{Count, Cycle, CycleKind, FreeBecause, Ruling, rules};
 
 use serde_json::Value;
 
@@ -30,6 +34,9 @@ pub enum Machine {
     Source {
         /// Messages sent.
         count: u16,
+        /// How many every run sends, where the configuration fixes it; the search sends at
+        /// most `count` of them (`source.input` sends one per input of the execution: `None`).
+        total: Option<u32>,
         /// Where each goes.
         ports: u32,
     },
@@ -112,16 +119,23 @@ pub struct Model {
 }
 
 impl Model {
-    /// Whether every run of the model does the same: each process reads its inputs in an
-    /// order of its own (one channel at a time) and writes without choices, and none is
-    /// assumed — a Kahn process network. Then a deadlock the search finds happens on every
-    /// run; otherwise only on some.
-    pub fn determinate(&self) -> bool {
-        self.processes.iter().all(|p| {
+    /// Whether a deadlock the search found after `trace` happens on every run: each process
+    /// reads its inputs in an order of its own (one channel at a time) and writes without
+    /// choices, and none is assumed — a Kahn process network, which does the same on every
+    /// run — and each source sends a fixed number of messages, all of which the search
+    /// followed, or it had not yet sent all the search let it when the deadlock was found
+    /// (the same state is then reached with every message it sends).
+    pub fn certain(&self, trace: &[Step]) -> bool {
+        self.processes.iter().enumerate().all(|(i, p)| {
             let single_inputs = p.inputs.iter().all(|port| port.len() <= 1);
             !p.assumed
                 && match p.machine {
-                    Machine::Source { .. } => true,
+                    Machine::Source { count, total: Some(total), .. } => {
+                        let sends = trace.iter().filter(|s| s.process == i).count();
+                        total == u32::from(count)
+                            || sends < usize::from(count) * p.outputs.iter().flatten().count()
+                    }
+                    Machine::Source { total: None, .. } => false,
                     Machine::Join { .. } => single_inputs,
                     Machine::Collect { .. } => p.inputs.iter().flatten().count() <= 1,
                     Machine::Serve { writes: Writes::Each(_) | Writes::Nothing } => {
@@ -146,6 +160,10 @@ pub fn machine_for(
         let n = config.get(key).and_then(Value::as_u64).unwrap_or(default);
         n.min(u64::from(source_messages)) as u16
     };
+    let total = |key: &str, default: u64| {
+        let n = config.get(key).and_then(Value::as_u64).unwrap_or(default);
+        u32::try_from(n).ok()
+    };
     let size =
         |key: &str, default: u64| config.get(key).and_then(Value::as_u64).unwrap_or(default).min(1024) as u16;
     let data = data_ports(outputs);
@@ -154,9 +172,13 @@ pub fn machine_for(
         _ => data,
     };
     Some(match type_id {
-        "source.input" => Machine::Source { count: source_messages, ports: out },
-        "source.constant" => Machine::Source { count: count("count", 1), ports: out },
-        "source.sequence" => Machine::Source { count: count("count", 0), ports: out },
+        "source.input" => Machine::Source { count: source_messages, total: None, ports: out },
+        "source.constant" => {
+            Machine::Source { count: count("count", 1), total: total("count", 1), ports: out }
+        }
+        "source.sequence" => {
+            Machine::Source { count: count("count", 0), total: total("count", 0), ports: out }
+        }
         "sink.output" | "sink.log" => Machine::Serve { writes: Writes::Nothing },
         "transform.filter" => Machine::Serve { writes: Writes::OneOrNone(out) },
         "control.switch" => Machine::Serve { writes: Writes::OneOrNone(data) },
@@ -182,6 +204,30 @@ pub fn machine_for(
         | "ai.codegen" => Machine::Serve { writes: Writes::Each(out) },
         _ => return None,
     })
+}
+
+/// The behaviour of a registered component from what it declares: how it reads (`none`: a
+/// source, sending at most `source_messages`; `all`: one message from each input in port
+/// order; `one`, `any`: whichever input has one) and what it writes per message taken (to
+/// every output but `error`; with several outputs, `one` is one of them). One that holds
+/// messages back (`buffers`) may write none or several per message taken.
+pub fn declared(behaviour: &crate::Behaviour, outputs: &[String], source_messages: u16) -> Machine {
+    use crate::{ReadMode, WriteMode};
+    let ports = data_ports(outputs);
+    let single = ports.count_ones() == 1;
+    match behaviour.read {
+        ReadMode::None => Machine::Source { count: source_messages, total: None, ports },
+        ReadMode::All => Machine::Join { ports },
+        ReadMode::One | ReadMode::Any => Machine::Serve {
+            writes: match behaviour.write {
+                _ if behaviour.buffers => Writes::UpTo { max: 2, ports },
+                WriteMode::None => Writes::Nothing,
+                WriteMode::One if single => Writes::Each(ports),
+                WriteMode::One | WriteMode::AtMostOne => Writes::OneOrNone(ports),
+                WriteMode::Many => Writes::UpTo { max: 2, ports },
+            },
+        },
+    }
 }
 
 /// Every output port but `error`, as a mask.
@@ -228,7 +274,7 @@ mod tests {
         Model { processes, channels }
     }
 
-    const SOURCE2: Machine = Machine::Source { count: 2, ports: 1 };
+    const SOURCE2: Machine = Machine::Source { count: 2, total: Some(2), ports: 1 };
     const MAP: Machine = Machine::Serve { writes: Writes::Each(1) };
     const SINK: Machine = Machine::Serve { writes: Writes::Nothing };
 
@@ -265,7 +311,7 @@ mod tests {
         let uneven = model(
             &[
                 ("two", SOURCE2, 0, 1),
-                ("one", Machine::Source { count: 1, ports: 1 }, 0, 1),
+                ("one", Machine::Source { count: 1, total: Some(1), ports: 1 }, 0, 1),
                 ("j", Machine::Join { ports: 1 }, 2, 1),
                 ("k", SINK, 1, 0),
             ],
@@ -347,7 +393,7 @@ mod tests {
         let feedback = |capacity: u16, count: u16| {
             model(
                 &[
-                    ("s", Machine::Source { count, ports: 1 }, 0, 1),
+                    ("s", Machine::Source { count, total: Some(u32::from(count)), ports: 1 }, 0, 1),
                     ("merge", MAP, 2, 1),
                     ("f", MAP, 1, 1),
                     ("k", SINK, 1, 0),
@@ -365,11 +411,47 @@ mod tests {
         assert!(matches!(run(&feedback(1, 4)), Verdict::Deadlock { .. }));
         assert!(matches!(run(&feedback(1, 3)), Verdict::Free { .. }));
         assert!(matches!(run(&feedback(8, 4)), Verdict::Free { .. }));
+        // Channels of 128 or more: states take two bytes a field, with the same answers.
+        assert!(matches!(run(&feedback(200, 4)), Verdict::Free { .. }));
+        let mut wide = feedback(1, 4);
+        wide.channels[0].capacity = 200;
+        assert!(matches!(run(&wide), Verdict::Deadlock { .. }));
+    }
+
+    #[test]
+    fn the_cspm_script_has_a_process_per_node_and_a_buffer_per_connection() {
+        let script = cspm(&crossed(1));
+        for line in [
+            "datatype Msg = Token",
+            "datatype Ch = c0 | c1 | c2 | c3 | c4",
+            "CAP(c0) = 1 -- c0: s to j",
+            "N0(k) = if k < 2 then SEND(<c0, c1>, N0(k + 1)) else CLOSE(<c0, c1>)",
+            "PORT2(0) = {c2}",
+            "PORT2(1) = {c0}",
+            "NODE(5) = N5({c4})",
+            "ALPHA(1) = {| get.c1, eos.c1, gone.c1, put.c2, close.c2 |}",
+            "NODES = || i : {0..5} @ [ALPHA(i)] NODE(i)",
+            "assert SYSTEM :[deadlock free [F]]",
+        ] {
+            assert!(script.lines().any(|l| l == line), "no `{line}` in\n{script}");
+        }
+        assert_eq!(script.matches("NODE(").count(), 6 + 1, "a process per node, and NODES");
+        // Every name a node uses is defined.
+        for p in 0..6 {
+            assert!(script.contains(&format!("\nN{p}(")) || script.contains(&format!("NODE({p}) = CLOSE")));
+        }
+        // Brackets balance on every line.
+        for line in script.lines().filter(|l| !l.starts_with("--")) {
+            let code = line.split(" -- ").next().unwrap_or_default();
+            for (open, close) in [('(', ')'), ('{', '}')] {
+                assert_eq!(code.matches(open).count(), code.matches(close).count(), "{line}");
+            }
+        }
     }
 
     #[test]
     fn a_search_over_its_cap_says_so() {
-        let many = Machine::Source { count: 60, ports: 1 };
+        let many = Machine::Source { count: 60, total: Some(60), ports: 1 };
         let wide = model(
             &[("a", many, 0, 1), ("b", many, 0, 1), ("k", SINK, 2, 0)],
             &[("a", 0, "k", 0, 4), ("b", 0, "k", 1, 4)],

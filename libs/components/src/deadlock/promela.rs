@@ -37,7 +37,7 @@ pub fn promela(model: &Model) -> String {
 }
 
 /// Text safe inside a Promela comment.
-fn comment(text: &str) -> String {
+pub(super) fn comment(text: &str) -> String {
     text.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
         .take(64)
@@ -91,7 +91,7 @@ fn process(out: &mut String, model: &Model, p: usize) {
     let _ = writeln!(out, "proctype p{p}() {{ /* {} */", comment(&process.node_id));
     let inputs: Vec<usize> = process.inputs.iter().flatten().copied().collect();
     match process.machine {
-        Machine::Source { count, ports } => {
+        Machine::Source { count, ports, .. } => {
             let _ = writeln!(out, "  short k = 0;");
             let _ = writeln!(out, "  do");
             let _ = writeln!(out, "  :: k < {count} ->");

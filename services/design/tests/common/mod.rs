@@ -149,6 +149,15 @@ impl Harness {
 
     /// Registers the test remote component `type_id` (typed ports, see [`Sentiment`]).
     pub async fn register_sentiment(&self, type_id: &str) -> CancellationToken {
+        self.register_sentiment_behaving(type_id, None).await
+    }
+
+    /// [`Self::register_sentiment`], declaring how it uses its ports.
+    pub async fn register_sentiment_behaving(
+        &self,
+        type_id: &str,
+        behaviour: Option<reg::PortBehaviour>,
+    ) -> CancellationToken {
         let stop = CancellationToken::new();
         let addr = serve_component(stop.clone()).await;
         let draft = reg::ComponentType {
@@ -161,6 +170,7 @@ impl Harness {
                 timeout_ms: 2000,
                 ..Default::default()
             }),
+            behaviour,
             ..Default::default()
         };
         let registrar = self.issuer.token("registrar", &[Role::Registrar]);
