@@ -99,7 +99,10 @@ fn model(plan: &Plan) -> Model {
         let spec = csp_components::builtin(&plan.nodes[to].type_id).unwrap();
         let (inputs, _) = csp_components::ports_for(spec, &plan.nodes[to].config);
         let input = inputs.iter().position(|p| p.name == connection.to_port).unwrap();
-        processes[from].outputs[0].push(c);
+        let spec = csp_components::builtin(&plan.nodes[from].type_id).unwrap();
+        let (_, outputs) = csp_components::ports_for(spec, &plan.nodes[from].config);
+        let output = outputs.iter().position(|p| p.name == connection.from_port).unwrap();
+        processes[from].outputs[output].push(c);
         processes[to].inputs[input].push(c);
         channels.push(deadlock::Channel {
             connection_id: connection.id.clone(),
@@ -223,3 +226,131 @@ async fn spin_gives_the_checkers_answer_on_random_designs() {
 
 /// Designs checked with SPIN (each is compiled: fewer than the runtime's).
 const SPIN_DESIGNS: u64 = 300;
+
+/// A generated node: id, type, configuration, inputs (one connection each), data outputs.
+type Generated = (String, &'static str, Value, Vec<&'static str>, Vec<&'static str>);
+
+/// A random design with choices: one or two sequences of two messages, two to four of map, join, batch,
+/// filter, switch (first matching case, or every one), merge, alt and split, one sink; every
+/// input fed from nodes before it (no cycles: a cycle whose messages go round for ever next to
+/// a partial deadlock is a deadlock to the checker but not an end state to SPIN), capacities 1
+/// or 2.
+fn design_with_choices(rng: &mut StdRng) -> Plan {
+    let mut nodes: Vec<Generated> = Vec::new();
+    for i in 0..rng.random_range(1..=2) {
+        nodes.push((format!("seq{i}"), "source.sequence", json!({ "count": 2 }), vec![], vec!["out"]));
+    }
+    for i in 0..rng.random_range(2..=4) {
+        let switch = |mode: &str| {
+            let cases = json!([{ "port": "a", "expression": "true" }, { "port": "b", "expression": "true" }]);
+            json!({ "cases": cases, "mode": mode })
+        };
+        nodes.push(match rng.random_range(0..11) {
+            0 => (format!("map{i}"), "transform.map", json!({ "expression": "." }), vec!["in"], vec!["out"]),
+            1 | 9 => (
+                format!("join{i}"),
+                "control.join",
+                json!({ "inputs": ["a", "b"] }),
+                vec!["a", "b"],
+                vec!["out"],
+            ),
+            2 | 10 => (format!("batch{i}"), "control.batch", json!({ "size": 2 }), vec!["in"], vec!["out"]),
+            3 => (
+                format!("filter{i}"),
+                "transform.filter",
+                json!({ "expression": "true" }),
+                vec!["in"],
+                vec!["out"],
+            ),
+            4 => (
+                format!("first{i}"),
+                "control.switch",
+                switch("first"),
+                vec!["in"],
+                vec!["a", "b", "default"],
+            ),
+            5 => {
+                (format!("every{i}"), "control.switch", switch("all"), vec!["in"], vec!["a", "b", "default"])
+            }
+            6 => (format!("merge{i}"), "control.merge", json!({}), vec!["in", "in"], vec!["out"]),
+            7 => (
+                format!("alt{i}"),
+                "control.alt",
+                json!({ "inputs": ["a", "b"] }),
+                vec!["a", "b"],
+                vec!["out"],
+            ),
+            _ => (format!("split{i}"), "control.split", json!({}), vec!["in"], vec!["out"]),
+        });
+    }
+    nodes.push(("sink".into(), "sink.output", json!({}), vec!["in"], vec![]));
+    let mut connections = Vec::new();
+    for position in 1..nodes.len() {
+        for input in nodes[position].3.clone() {
+            let from = &nodes[rng.random_range(0..position)];
+            if from.4.is_empty() {
+                continue;
+            }
+            let from_port = from.4[rng.random_range(0..from.4.len())];
+            connections.push(PlanConnection {
+                id: format!("c{}", connections.len()),
+                from: from.0.clone(),
+                from_port: from_port.into(),
+                to: nodes[position].0.clone(),
+                to_port: input.into(),
+                capacity: rng.random_range(1..=2),
+            });
+        }
+    }
+    Plan {
+        nodes: nodes
+            .into_iter()
+            .map(|(id, type_id, config, _, _)| PlanNode { id, type_id: type_id.into(), config, remote: None })
+            .collect(),
+        connections,
+    }
+}
+
+/// Designs with choices checked with SPIN.
+const CHOICE_DESIGNS: u64 = 150;
+
+/// SPIN gives the checker's answer on designs whose runs depend on choices (filters,
+/// switches, merges, alts, splits): the checker and SPIN both explore every choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_gives_the_checkers_answer_on_designs_with_choices() {
+    if !spin() {
+        eprintln!("skipped: no spin");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(0x0c40_1ce5);
+    let models: Vec<Model> = (0..CHOICE_DESIGNS).map(|_| model(&design_with_choices(&mut rng))).collect();
+    let mut checked = Vec::new();
+    for chunk in models.chunks(4) {
+        let runs = chunk.iter().cloned().map(|model| {
+            tokio::task::spawn_blocking(move || {
+                let verdict = deadlock::check(&model, 200_000, Duration::from_secs(20));
+                let ours = match verdict {
+                    Verdict::CapReached { .. } => None,
+                    verdict => Some(matches!(verdict, Verdict::Deadlock { .. })),
+                };
+                (ours, ours.map(|_| spin_finds_a_deadlock(&model)), model)
+            })
+        });
+        checked.extend(futures::future::join_all(runs).await);
+    }
+    let (mut deadlocks, mut any_of, mut compared) = (0, 0, 0);
+    for joined in checked {
+        let (ours, spins, model) = joined.unwrap();
+        let Some(ours) = ours else { continue };
+        compared += 1;
+        assert_eq!(Some(ours), spins, "the checker and SPIN disagree on:\n{}", deadlock::promela(&model));
+        deadlocks += usize::from(ours);
+        any_of +=
+            usize::from(model.processes.iter().any(|p| {
+                matches!(p.machine, deadlock::Machine::Serve { writes: deadlock::Writes::AnyOf(_) })
+            }));
+    }
+    assert!(compared >= 140, "only {compared} designs within the search's bound");
+    assert!(deadlocks >= 5 && deadlocks + 10 <= compared, "{deadlocks} deadlocks");
+    assert!(any_of >= 20, "{any_of} designs with a switch sending to every matching case");
+}

@@ -26,7 +26,7 @@ use std::{
 use hashbrown::HashTable;
 use rustc_hash::FxHasher;
 
-use super::{Machine, Model, Writes};
+use super::{Machine, Model, Writes, port_sets};
 
 /// Fields per process in a state.
 const PROCESS: usize = 5;
@@ -227,15 +227,7 @@ impl<'m> Search<'m> {
             .processes
             .iter()
             .map(|process| {
-                let mask = match process.machine {
-                    Machine::Source { ports, .. }
-                    | Machine::Join { ports }
-                    | Machine::Collect { ports, .. } => ports,
-                    Machine::Serve {
-                        writes: Writes::Each(ports) | Writes::OneOrNone(ports) | Writes::UpTo { ports, .. },
-                    } => ports,
-                    Machine::Serve { writes: Writes::Nothing } => 0,
-                };
+                let mask = process.machine.writes_to();
                 let all = process
                     .outputs
                     .iter()
@@ -243,7 +235,17 @@ impl<'m> Search<'m> {
                     .filter(|(i, _)| *i < 32 && mask & (1 << i) != 0)
                     .flat_map(|(_, channels)| channels.iter().copied())
                     .collect();
-                std::iter::once(all).chain(process.outputs.iter().cloned()).collect()
+                // To every port, to each one, then (for a choice of sets) to each set.
+                let mut writes: Vec<Vec<usize>> =
+                    std::iter::once(all).chain(process.outputs.iter().cloned()).collect();
+                if let Machine::Serve { writes: Writes::AnyOf(mask) } = process.machine {
+                    for set in port_sets(mask, process.outputs.len()) {
+                        writes.push(
+                            set.iter().flat_map(|&port| process.outputs[port].iter().copied()).collect(),
+                        );
+                    }
+                }
+                writes
             })
             .collect();
         let reads = model
@@ -262,6 +264,11 @@ impl<'m> Search<'m> {
                     .filter(|i| mask & (1 << i) != 0)
                     .map(|i| i as u16)
                     .collect(),
+                // The sets follow the ports in the write lists.
+                Machine::Serve { writes: Writes::AnyOf(mask) } => (0..port_sets(mask, process.outputs.len())
+                    .len())
+                    .map(|i| (process.outputs.len() + i) as u16)
+                    .collect(),
                 _ => Vec::new(),
             })
             .collect();
@@ -270,7 +277,7 @@ impl<'m> Search<'m> {
             .iter()
             .zip(&choices)
             .map(|(process, choices)| match process.machine {
-                Machine::Serve { writes: Writes::OneOrNone(_) } => 1 + choices.len(),
+                Machine::Serve { writes: Writes::OneOrNone(_) | Writes::AnyOf(_) } => 1 + choices.len(),
                 Machine::Serve { writes: Writes::UpTo { max, .. } } => 1 + usize::from(max),
                 _ => 1,
             })
@@ -655,7 +662,7 @@ impl<'m> Search<'m> {
                 }
             }
             Machine::Serve { writes: Writes::Each(_) } => self.start_write(state, p, ALL_PORTS, 1, WRITING),
-            Machine::Serve { writes: Writes::OneOrNone(_) } => {
+            Machine::Serve { writes: Writes::OneOrNone(_) | Writes::AnyOf(_) } => {
                 if branch > 0 {
                     self.start_write(state, p, self.choices[p][branch - 1], 1, WRITING);
                 }

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Machine, Model, Writes, promela::comment};
+use super::{Machine, Model, Writes, port_sets, promela::comment};
 
 /// The CSPm script of `model`.
 pub fn cspm(model: &Model) -> String {
@@ -155,6 +155,15 @@ fn write(model: &Model, p: usize, writes: Writes, then: &str) -> String {
             let mut choices = vec![then.to_owned()];
             for port in (0..process.outputs.len().min(32)).filter(|i| mask & (1 << i) != 0) {
                 choices.push(format!("SEND({}, {then})", sequence(&channels_of(model, p, 0, Some(port)))));
+            }
+            format!("({})", choices.join(" |~| "))
+        }
+        Writes::AnyOf(mask) => {
+            let mut choices = vec![then.to_owned()];
+            for set in port_sets(mask, process.outputs.len()) {
+                let channels: Vec<usize> =
+                    set.iter().flat_map(|&port| channels_of(model, p, 0, Some(port))).collect();
+                choices.push(format!("SEND({}, {then})", sequence(&channels)));
             }
             format!("({})", choices.join(" |~| "))
         }

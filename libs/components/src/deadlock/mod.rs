@@ -72,6 +72,9 @@ pub enum Writes {
     Each(u32),
     /// One message to one port of the mask, or none (filter, switch).
     OneOrNone(u32),
+    /// One message to each port of any set of the mask's ports, or none (a switch sending to
+    /// every case that matches). At most [`MAX_ANY_OF`] ports.
+    AnyOf(u32),
     /// Up to `max` messages, each to every port of the mask (split, remote calls).
     UpTo {
         /// Most messages per message taken.
@@ -79,6 +82,34 @@ pub enum Writes {
         /// Where each goes.
         ports: u32,
     },
+}
+
+/// Most ports of a [`Writes::AnyOf`] (every set of them is a choice of the search).
+pub const MAX_ANY_OF: u32 = 5;
+
+impl Machine {
+    /// The output ports it writes to, as a mask.
+    pub fn writes_to(self) -> u32 {
+        match self {
+            Self::Source { ports, .. } | Self::Join { ports } | Self::Collect { ports, .. } => ports,
+            Self::Serve {
+                writes:
+                    Writes::Each(ports)
+                    | Writes::OneOrNone(ports)
+                    | Writes::AnyOf(ports)
+                    | Writes::UpTo { ports, .. },
+            } => ports,
+            Self::Serve { writes: Writes::Nothing } => 0,
+        }
+    }
+}
+
+/// The non-empty sets of the ports of `mask` (of `outputs` ports), each in port order.
+pub(crate) fn port_sets(mask: u32, outputs: usize) -> Vec<Vec<usize>> {
+    let ports: Vec<usize> = (0..outputs.min(32)).filter(|i| mask & (1 << i) != 0).collect();
+    (1u32..1 << ports.len())
+        .map(|set| ports.iter().enumerate().filter(|(b, _)| set & (1 << b) != 0).map(|(_, &p)| p).collect())
+        .collect()
 }
 
 /// A process of the model.
@@ -181,6 +212,12 @@ pub fn machine_for(
         }
         "sink.output" | "sink.log" => Machine::Serve { writes: Writes::Nothing },
         "transform.filter" => Machine::Serve { writes: Writes::OneOrNone(out) },
+        "control.switch" if config.get("mode").and_then(Value::as_str) == Some("all") => {
+            if data.count_ones() > MAX_ANY_OF {
+                return None;
+            }
+            Machine::Serve { writes: Writes::AnyOf(data) }
+        }
         "control.switch" => Machine::Serve { writes: Writes::OneOrNone(data) },
         "control.split" | "remote.call" => Machine::Serve { writes: Writes::UpTo { max: 2, ports: out } },
         "control.join" => Machine::Join { ports: out },
@@ -446,6 +483,37 @@ mod tests {
             for (open, close) in [('(', ')'), ('{', '}')] {
                 assert_eq!(code.matches(open).count(), code.matches(close).count(), "{line}");
             }
+        }
+    }
+
+    /// The machine of every built-in type says what its catalogue entry says: a source reads
+    /// nothing, a join reads every input, a component that holds messages collects them, and
+    /// each writes as its write mode says.
+    #[test]
+    fn every_built_in_machine_matches_its_catalogue_behaviour() {
+        use crate::{ReadMode, WriteMode};
+        for (type_id, spec) in crate::builtins() {
+            let outputs: Vec<String> = spec.outputs.iter().map(|p| p.name.clone()).collect();
+            let Some(machine) = machine_for(type_id, &serde_json::json!({ "count": 2 }), &outputs, 3) else {
+                assert_eq!(type_id, "design.call", "only sub-designs have no machine of their own");
+                continue;
+            };
+            let behaviour = spec.behaviour.expect("built-ins declare their behaviour");
+            let agrees = match (behaviour.read, behaviour.write, behaviour.buffers, machine) {
+                (ReadMode::None, WriteMode::Many, false, Machine::Source { .. }) => true,
+                (ReadMode::All, WriteMode::One, false, Machine::Join { .. }) => true,
+                (ReadMode::One | ReadMode::Any, _, true, Machine::Collect { .. }) => true,
+                (ReadMode::One | ReadMode::Any, write, false, Machine::Serve { writes }) => matches!(
+                    (write, writes),
+                    (WriteMode::None, Writes::Nothing)
+                        | (WriteMode::One, Writes::Each(_))
+                        | (WriteMode::AtMostOne, Writes::OneOrNone(_))
+                        | (WriteMode::AtMostOne, Writes::AnyOf(_))
+                        | (WriteMode::Many, Writes::UpTo { .. })
+                ),
+                _ => false,
+            };
+            assert!(agrees, "{type_id}: {behaviour:?} but {machine:?}");
         }
     }
 

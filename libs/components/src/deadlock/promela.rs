@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Machine, Model, Writes};
+use super::{Machine, Model, Writes, port_sets};
 
 /// The Promela text of `model`.
 pub fn promela(model: &Model) -> String {
@@ -35,6 +35,11 @@ pub fn promela(model: &Model) -> String {
     let _ = writeln!(out, "}}");
     out
 }
+
+// Where what a process writes depends on the message (a filter, a switch, a split), each
+// choice is a branch that starts with `true`: the choice is made first, and the process then
+// waits on its sends. A branch starting with the send itself would be chosen only when the
+// send can go, which hides the deadlocks where the message's way is full.
 
 /// Text safe inside a Promela comment.
 pub(super) fn comment(text: &str) -> String {
@@ -113,8 +118,19 @@ fn process(out: &mut String, model: &Model, p: usize) {
                         let _ = writeln!(out, "     if");
                         let _ = writeln!(out, "     :: skip");
                         for port in (0..process.outputs.len().min(32)).filter(|i| mask & (1 << i) != 0) {
-                            let _ = writeln!(out, "     ::");
+                            let _ = writeln!(out, "     :: true ->");
                             write(out, model, &channels_of(model, p, 0, Some(port)), "        ");
+                        }
+                        let _ = writeln!(out, "     fi");
+                    }
+                    Writes::AnyOf(mask) => {
+                        let _ = writeln!(out, "     if");
+                        let _ = writeln!(out, "     :: skip");
+                        for set in port_sets(mask, process.outputs.len()) {
+                            let _ = writeln!(out, "     :: true ->");
+                            let channels: Vec<usize> =
+                                set.iter().flat_map(|&port| channels_of(model, p, 0, Some(port))).collect();
+                            write(out, model, &channels, "        ");
                         }
                         let _ = writeln!(out, "     fi");
                     }
@@ -123,7 +139,7 @@ fn process(out: &mut String, model: &Model, p: usize) {
                         let _ = writeln!(out, "     if");
                         let _ = writeln!(out, "     :: skip");
                         for k in 1..=max {
-                            let _ = writeln!(out, "     ::");
+                            let _ = writeln!(out, "     :: true ->");
                             for _ in 0..k {
                                 write(out, model, &channels, "        ");
                             }

@@ -197,13 +197,7 @@ fn live_channels(model: &Model) -> Vec<bool> {
 
 /// The ports a machine writes to.
 fn mask(machine: Machine) -> u32 {
-    match machine {
-        Machine::Source { ports, .. } | Machine::Join { ports } | Machine::Collect { ports, .. } => ports,
-        Machine::Serve {
-            writes: Writes::Each(ports) | Writes::OneOrNone(ports) | Writes::UpTo { ports, .. },
-        } => ports,
-        Machine::Serve { writes: Writes::Nothing } => 0,
-    }
+    machine.writes_to()
 }
 
 /// Whether the connections, without direction, form a forest.
@@ -250,7 +244,7 @@ fn output_counts(model: &Model, p: usize, counts: &[Count]) -> Vec<Count> {
         Machine::Source { total: None, .. } => Count::UNKNOWN,
         Machine::Serve { writes: Writes::Each(_) } => total,
         Machine::Serve { writes: Writes::Nothing } => Count::NONE,
-        Machine::Serve { writes: Writes::OneOrNone(_) } => Count { lo: 0, hi: total.hi },
+        Machine::Serve { writes: Writes::OneOrNone(_) | Writes::AnyOf(_) } => Count { lo: 0, hi: total.hi },
         Machine::Serve { writes: Writes::UpTo { max, .. } } => {
             Count { lo: 0, hi: total.hi.saturating_mul(u64::from(max)) }
         }
