@@ -484,7 +484,7 @@ mod tests {
         for _ in 0..4_000 {
             let n = 2 + random.below(5);
             let nodes: Vec<(Machine, usize, usize)> = (0..n)
-                .map(|i| match (i, random.below(10)) {
+                .map(|i| match (i, random.below(11)) {
                     (0, _) | (_, 0) => (
                         {
                             let count = 1 + random.below(4) as u16;
@@ -500,6 +500,7 @@ mod tests {
                     (_, 5) => (SINK, 1, 0),
                     // An `error` port it never writes to.
                     (_, 6) => (MAP, 1, 2),
+                    (_, 7) => (Machine::Serve { writes: Writes::AnyOf(0b11) }, 1, 2),
                     _ => (MAP, 1, 1),
                 })
                 .collect();
@@ -530,7 +531,6 @@ mod tests {
                 decided_by_search += 1;
             }
         }
-        eprintln!("{free} {certain} {decided_by_search}");
         assert!(
             free > 300 && certain > 100 && decided_by_search > 300,
             "{free} {certain} {decided_by_search}"
