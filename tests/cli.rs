@@ -344,6 +344,18 @@ async fn a_first_execution_through_the_gateway(env: TestEnv) {
     )
     .await;
 
+    // As the README checks it before the run: no deadlock.
+    {
+        use csp_proto::design::v1 as design_pb;
+        let mut designs = design_pb::design_service_client::DesignServiceClient::new(channel(addr).await);
+        let request =
+            design_pb::CheckDeadlockRequest { design_id: design.clone(), revision: 0, max_states: 0 };
+        let checked =
+            designs.check_deadlock(csp_testkit::authed(request, &token)).await.unwrap().into_inner();
+        assert_eq!(checked.verdict(), design_pb::DeadlockVerdict::DeadlockFree);
+        assert!(checked.states_explored > 1);
+    }
+
     let mut executor = pb::executor_service_client::ExecutorServiceClient::new(channel(addr).await);
     let names = ["Ada", "Grace"].map(|name| csp_proto::json::to_value(serde_json::json!({ "name": name })));
     let request = pb::StartExecutionRequest {
