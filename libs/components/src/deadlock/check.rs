@@ -214,6 +214,34 @@ impl Arena {
     }
 }
 
+/// A [`Step`] in eight bytes (the channel's top bit: a receive), or none.
+#[derive(Debug, Clone, Copy)]
+struct Packed {
+    process: u32,
+    channel: u32,
+}
+
+impl Packed {
+    const NONE: Self = Self { process: u32::MAX, channel: 0 };
+    const RECEIVE: u32 = 1 << 31;
+
+    fn of(step: Step) -> Self {
+        let action = match step.action {
+            StepAction::Send => 0,
+            StepAction::Receive => Self::RECEIVE,
+        };
+        Self { process: step.process as u32, channel: step.channel as u32 | action }
+    }
+
+    fn step(self) -> Option<Step> {
+        (self.process != u32::MAX).then_some(Step {
+            process: self.process as usize,
+            channel: (self.channel & !Self::RECEIVE) as usize,
+            action: if self.channel & Self::RECEIVE != 0 { StepAction::Receive } else { StepAction::Send },
+        })
+    }
+}
+
 /// A state's hash.
 fn hash(state: &[u8]) -> u64 {
     let mut hasher = FxHasher::default();
@@ -307,7 +335,7 @@ impl<'m> Search<'m> {
         let mut table: HashTable<(u64, u32)> = HashTable::new();
         table.insert_unique(hash(&encoded), (hash(&encoded), 0), |&(h, _)| h);
         // Per state: the state it was reached from and the step.
-        let mut parents: Vec<(u32, Option<Step>)> = vec![(0, None)];
+        let mut parents: Vec<(u32, Packed)> = vec![(0, Packed::NONE)];
         let mut state = vec![0u16; width];
         let mut at = 0u32;
         while (at as usize) < parents.len() {
@@ -319,7 +347,9 @@ impl<'m> Search<'m> {
             if self.mark_stuck(&state, &scratch.steps, &mut scratch.stuck) {
                 let mut trace = Vec::new();
                 let mut cursor = at;
-                while let (parent, Some(step)) = parents[cursor as usize] {
+                while let (parent, Some(step)) =
+                    (parents[cursor as usize].0, parents[cursor as usize].1.step())
+                {
                     trace.push(step);
                     cursor = parent;
                 }
@@ -363,7 +393,7 @@ impl<'m> Search<'m> {
                 let index = parents.len() as u32;
                 arena.push(&encoded);
                 table.insert_unique(h, (h, index), |&(h, _)| h);
-                parents.push((at, Some(step)));
+                parents.push((at, Packed::of(step)));
             }
             at += 1;
         }
