@@ -12,16 +12,6 @@ use csp_components::deadlock::{self, Channel, Machine, Model, Process, Verdict, 
 fn pipeline_with_feedback(messages: u16, capacity: u16) -> Model {
     let mut processes = Vec::new();
     let mut channels = Vec::new();
-    let add = |processes: &mut Vec<Process>, id: String, machine, inputs: usize, outputs: usize| {
-        processes.push(Process {
-            node_id: id,
-            machine,
-            inputs: vec![Vec::new(); inputs],
-            outputs: vec![Vec::new(); outputs],
-            assumed: false,
-        });
-        processes.len() - 1
-    };
     let source = add(
         &mut processes,
         "source".into(),
@@ -46,6 +36,18 @@ fn pipeline_with_feedback(messages: u16, capacity: u16) -> Model {
     Model { processes, channels }
 }
 
+/// Adds a process with `inputs` and `outputs` ports; its index.
+fn add(processes: &mut Vec<Process>, id: String, machine: Machine, inputs: usize, outputs: usize) -> usize {
+    processes.push(Process {
+        node_id: id,
+        machine,
+        inputs: vec![Vec::new(); inputs],
+        outputs: vec![Vec::new(); outputs],
+        assumed: false,
+    });
+    processes.len() - 1
+}
+
 fn connect(
     processes: &mut [Process],
     channels: &mut Vec<Channel>,
@@ -65,16 +67,6 @@ fn connect(
 fn thousand_nodes() -> Model {
     let mut processes = Vec::new();
     let mut channels = Vec::new();
-    let add = |processes: &mut Vec<Process>, id: String, machine, inputs: usize, outputs: usize| {
-        processes.push(Process {
-            node_id: id,
-            machine,
-            inputs: vec![Vec::new(); inputs],
-            outputs: vec![Vec::new(); outputs],
-            assumed: false,
-        });
-        processes.len() - 1
-    };
     let map = Machine::Serve { writes: Writes::Each(1) };
     for b in 0..100 {
         let source = add(

@@ -151,6 +151,11 @@ async fn deadlocks_are_found_before_a_run_with_the_shortest_trace(env: TestEnv) 
     let request = pb::ExportCspmRequest { design_id: design.id.clone(), revision: 0 };
     let status = h.client.clone().export_cspm(authed(request, &h.designer("carol"))).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "a design one cannot see is not there");
+    let request = pb::ExportCspmRequest { design_id: design.id.clone(), revision: -1 };
+    let status = h.client.clone().export_cspm(authed(request, &alice)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let details = tonic_types::StatusExt::get_details_bad_request(&status).expect("field details");
+    assert_eq!(details.field_violations[0].field, "revision");
 
     // With a filter on the way to the batch, only some runs deadlock (those where the filter
     // lets both messages through): a warning, and the design may run.

@@ -13,7 +13,10 @@
 
 use std::fmt::Write as _;
 
-use super::{Machine, Model, Writes, port_sets, promela::comment};
+use super::{
+    Machine, Model, Writes, port_sets,
+    promela::{channels_of, comment},
+};
 
 /// The CSPm script of `model`.
 pub fn cspm(model: &Model) -> String {
@@ -129,20 +132,6 @@ fn sequence(channels: &[usize]) -> String {
 fn set(channels: &[usize]) -> String {
     let names: Vec<String> = channels.iter().map(|c| format!("c{c}")).collect();
     format!("{{{}}}", names.join(", "))
-}
-
-/// The channels of every port of `mask`, or of `port` alone.
-fn channels_of(model: &Model, p: usize, mask: u32, port: Option<usize>) -> Vec<usize> {
-    model.processes[p]
-        .outputs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| match port {
-            Some(port) => *i == port,
-            None => *i < 32 && mask & (1 << i) != 0,
-        })
-        .flat_map(|(_, channels)| channels.iter().copied())
-        .collect()
 }
 
 /// What process `p` does after taking a message, then `then`.

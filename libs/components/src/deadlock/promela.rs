@@ -50,7 +50,7 @@ pub(super) fn comment(text: &str) -> String {
 }
 
 /// The channels of a write of process `p`: to every port of `mask`, or to `port` alone.
-fn channels_of(model: &Model, p: usize, mask: u32, port: Option<usize>) -> Vec<usize> {
+pub(super) fn channels_of(model: &Model, p: usize, mask: u32, port: Option<usize>) -> Vec<usize> {
     model.processes[p]
         .outputs
         .iter()

@@ -185,7 +185,7 @@ pub fn rules(model: &Model) -> Ruling {
 fn live_channels(model: &Model) -> Vec<bool> {
     let mut live = vec![false; model.channels.len()];
     for process in &model.processes {
-        let mask = mask(process.machine);
+        let mask = process.machine.writes_to();
         for (port, channels) in process.outputs.iter().enumerate() {
             for &c in channels {
                 live[c] = port < 32 && mask & (1 << port) != 0;
@@ -193,11 +193,6 @@ fn live_channels(model: &Model) -> Vec<bool> {
         }
     }
     live
-}
-
-/// The ports a machine writes to.
-fn mask(machine: Machine) -> u32 {
-    machine.writes_to()
 }
 
 /// Whether the connections, without direction, form a forest.
@@ -261,7 +256,7 @@ fn output_counts(model: &Model, p: usize, counts: &[Count]) -> Vec<Count> {
             Count { lo: batches(total.lo), hi: batches(total.hi) }
         }
     };
-    let mask = mask(process.machine);
+    let mask = process.machine.writes_to();
     (0..process.outputs.len())
         .map(|port| if port < 32 && mask & (1 << port) != 0 { written } else { Count::NONE })
         .collect()
